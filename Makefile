@@ -1,0 +1,29 @@
+# Two entry points (README): `make demo` and `make test`. Both install first.
+PYTHON ?= python3
+PIP ?= $(PYTHON) -m pip
+STAMP := .install.stamp
+
+.PHONY: install demo test lint bench-dense clean
+
+$(STAMP): pyproject.toml scripts/install_system_deps.sh
+	bash scripts/install_system_deps.sh
+	$(PIP) install --quiet --disable-pip-version-check -e ".[test,plot]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	vitsparse demo
+
+test: install
+	$(PYTHON) -m pytest -q
+
+lint: install
+	ruff check vitsparse tests benchmarks
+	ruff format --check vitsparse tests benchmarks
+
+bench-dense: install
+	$(PYTHON) benchmarks/dense.py
+
+clean:
+	rm -f $(STAMP)

@@ -1,0 +1,181 @@
+"""LowerLinear: linear layers with constant weights -> call_tir of the packed dense kernel.
+
+Matches, in every Relax function of the module,
+
+    y = add(matmul(x, permute_dims(W)), b)        (torch.export; either add operand order)
+    y = add(matmul(x, W_t), b)                    (ONNX: the weight is stored transposed)
+    g = gelu(reshape*(y))                         (optional GELU epilogue, fused when y has no
+                                                   other user)
+
+where W and b are constants (run after BindParams), and replaces them with one call_tir of
+``schedules.dense`` with the weight packed at compile time. x may have any rank >= 2; it is
+viewed as (rows, K). Layers whose output width is not a multiple of the packing panel stay as
+they are and go through the generic path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from vitsparse._tvm import relax, struct_shape, tvm
+
+Constant = tvm.ir.expr.Constant
+from vitsparse.schedules import dense
+
+_OP = tvm.ir.Op.get
+
+
+@dataclass
+class _Linear:
+    x: relax.Expr
+    weight: np.ndarray  # (N, K)
+    bias: np.ndarray  # (N,)
+    out_shape: tuple[int, ...]
+
+
+def _const_array(expr) -> np.ndarray | None:
+    if isinstance(expr, Constant):
+        return expr.value.numpy()
+    return None
+
+
+@relax.expr_functor.mutator
+class _LowerLinearMutator(relax.PyExprMutator):
+    def __init__(self, mod):
+        super().__init__(mod)
+        self.kernels: dict[dense.DenseShape, tvm.ir.GlobalVar] = {}
+
+    # -- matching -----------------------------------------------------------------------------
+    def _binding(self, expr):
+        if isinstance(expr, relax.Var):
+            bound = self.lookup_binding(expr)
+            if bound is not None:
+                return bound
+        return expr
+
+    def _is_call(self, expr, name):
+        return isinstance(expr, relax.Call) and expr.op.same_as(_OP(name))
+
+    def _match_weight(self, rhs) -> np.ndarray | None:
+        rhs = self._binding(rhs)
+        if self._is_call(rhs, "relax.permute_dims"):
+            w = _const_array(self._binding(rhs.args[0]))
+            axes = rhs.attrs.axes
+            if w is not None and w.ndim == 2 and (axes is None or [int(a) for a in axes] == [1, 0]):
+                return w
+            return None
+        w_t = _const_array(rhs)
+        return None if w_t is None or w_t.ndim != 2 else np.ascontiguousarray(w_t.T)
+
+    def _match_linear(self, call) -> _Linear | None:
+        if not self._is_call(call, "relax.add"):
+            return None
+        for mm_arg, b_arg in ((call.args[0], call.args[1]), (call.args[1], call.args[0])):
+            bias = _const_array(self._binding(b_arg))
+            mm = self._binding(mm_arg)
+            if bias is None or not self._is_call(mm, "relax.matmul"):
+                continue
+            weight = self._match_weight(mm.args[1])
+            if weight is None or bias.shape != (weight.shape[0],):
+                continue
+            if str(mm.attrs.out_dtype) not in ("", "void", "float32") or weight.dtype != np.float32:
+                continue
+            x_shape = struct_shape(mm.args[0])
+            if len(x_shape) < 2 or x_shape[-1] != weight.shape[1]:
+                continue
+            return _Linear(mm.args[0], weight, bias, (*x_shape[:-1], weight.shape[0]))
+        return None
+
+    # -- rewriting ----------------------------------------------------------------------------
+    def _kernel(self, shape: dense.DenseShape):
+        if shape not in self.kernels:
+            func = dense.dense_primfunc(shape)
+            self.kernels[shape] = self.builder_.add_func(func, f"dense_{shape.epilogue}")
+        return self.kernels[shape]
+
+    def _emit_linear(self, lin: _Linear, epilogue: str):
+        n, k = lin.weight.shape
+        rows = int(np.prod(lin.out_shape[:-1]))
+        shape = dense.DenseShape(rows, k, n, epilogue, dense.choose_row_tile(rows))
+        x2d = lin.x
+        if len(struct_shape(lin.x)) != 2:
+            x2d = self.builder_.emit(relax.op.reshape(lin.x, (rows, k)))
+        out = relax.call_tir(
+            self._kernel(shape),
+            [x2d, relax.const(dense.pack_weight(lin.weight)), relax.const(lin.bias)],
+            relax.TensorType((rows, n), "float32"),
+        )
+        if len(lin.out_shape) == 2:
+            return out
+        return relax.op.reshape(self.builder_.emit(out), lin.out_shape)
+
+    def visit_call_(self, call):
+        call = super().visit_call_(call)
+        lin = self._match_linear(call)
+        if lin is None or lin.weight.shape[0] % dense.PANEL:
+            return call
+        return self._emit_linear(lin, "none")
+
+
+@relax.expr_functor.mutator
+class _FuseGeluMutator(relax.PyExprMutator):
+    """gelu(reshape*(call_tir(dense_none, args))) -> reshape(call_tir(dense_gelu, args))."""
+
+    def __init__(self, mod, kernels):
+        super().__init__(mod)
+        self.kernels = kernels  # DenseShape -> GlobalVar, shared with the first step
+        self.by_gvar = {gv: shape for shape, gv in kernels.items()}
+
+    def visit_call_(self, call):
+        call = super().visit_call_(call)
+        if not (isinstance(call.op, tvm.ir.Op) and call.op.same_as(_OP("relax.nn.gelu"))):
+            return call
+        expr = call.args[0]
+        while isinstance(expr, relax.Var):
+            bound = self.lookup_binding(expr)
+            if isinstance(bound, relax.Call) and bound.op.same_as(_OP("relax.reshape")):
+                expr = bound.args[0]
+                continue
+            expr = bound
+            break
+        if not (isinstance(expr, relax.Call) and expr.op.same_as(_OP("relax.call_tir"))):
+            return call
+        shape = self.by_gvar.get(expr.args[0])
+        if shape is None or shape.epilogue != "none":
+            return call
+        gelu_shape = dense.DenseShape(shape.m, shape.k, shape.n, "gelu", shape.row_tile)
+        if gelu_shape not in self.kernels:
+            gv = self.builder_.add_func(dense.dense_primfunc(gelu_shape), "dense_gelu")
+            self.kernels[gelu_shape] = gv
+        fused = relax.call_tir(self.kernels[gelu_shape], expr.args[1], expr.ty_args[0])
+        return relax.op.reshape(self.builder_.emit(fused), struct_shape(call))
+
+
+def _rewrite(mod, make_mutator):
+    for gvar, func in list(mod.functions.items()):
+        if not isinstance(func, relax.Function):
+            continue
+        mutator = make_mutator(mod)
+        new_func = mutator.visit_expr(func)
+        mod = mutator.builder_.get()
+        mod[gvar] = relax.analysis.remove_all_unused(new_func)
+    return mod
+
+
+@tvm.transform.module_pass(opt_level=0, name="vitsparse.LowerLinear")
+class LowerLinear:
+    """Rewrite constant-weight linear layers (+ optional GELU) into packed dense kernels."""
+
+    def transform_module(self, mod, _ctx):
+        kernels: dict = {}
+
+        def first(m):
+            mutator = _LowerLinearMutator(m)
+            mutator.kernels = kernels
+            return mutator
+
+        mod = _rewrite(mod, first)
+        mod = _rewrite(mod, lambda m: _FuseGeluMutator(m, kernels))
+        return relax.transform.DeadCodeElimination()(mod)

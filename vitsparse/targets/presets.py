@@ -1,0 +1,386 @@
+"""Compilation targets as data: a table of presets and one function that resolves them.
+
+A preset is a target-dict template plus a tuning-database key template. Values that depend on
+the machine (its LLVM CPU name, core count, SIMD level) or on the caller (the CUDA arch) are
+placeholders, filled in by :func:`resolve_target` from a :class:`HostInfo`. Everything that
+follows from the target itself (device type, schedule family, cross compiler, whether this
+machine can run the result) is derived the same way for presets and for raw target dicts.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+import os
+import platform
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from vitsparse._tvm import Target, host_cpu_name, tvm
+from vitsparse.errors import TargetError
+
+DEFAULT_CUDA_ARCH = "sm_80"
+"""Ampere. nvcc 13 compiles sm_75 and newer; ``-arch sm_80`` also embeds compute_80 PTX, which
+the driver JIT-compiles for newer GPUs (H100/H200), so one artifact runs on A100 and later."""
+
+_CUDA_ARCH_RE = re.compile(r"sm_\d{2,3}[af]?")
+
+
+class _Fill(enum.Enum):
+    """Placeholders in a preset's target template."""
+
+    HOST_CPU = "host LLVM CPU name"
+    HOST_CORES = "host physical core count"
+    CUDA_ARCH = "CUDA arch"
+
+
+@dataclass(frozen=True)
+class _Preset:
+    description: str
+    target: Mapping[str, Any]
+    key: str  # str.format template over host/simd/cores/arch fields
+    host: Mapping[str, Any] | None = None  # host target template (device targets only)
+    native_isa: str | None = None  # the preset describes this machine; refuse other hosts
+
+
+_HOST_LLVM = {"kind": "llvm", "mcpu": _Fill.HOST_CPU}
+
+PRESETS: Mapping[str, _Preset] = {
+    "x86": _Preset(
+        description="this x86-64 machine: LLVM for its CPU, all physical cores",
+        target={"kind": "llvm", "mcpu": _Fill.HOST_CPU, "num-cores": _Fill.HOST_CORES},
+        key="x86-{cpu}-{simd}-{cores}c",
+        native_isa="x86_64",
+    ),
+    # mcpu 'generic' rather than 'cortex-a72': the artifact must run on any ARMv8-A core with
+    # NEON (Cortex-A53/A72/A76, Neoverse, Graviton). 'cortex-a72' adds no instructions over
+    # armv8-a (+crc only), it changes LLVM's scheduling model, a choice we could not validate
+    # since ARM runs here are emulated. A known board is better described by a target dict.
+    "arm": _Preset(
+        description="64-bit ARM Linux with NEON (cross-compiled with aarch64-linux-gnu-g++)",
+        target={
+            "kind": "llvm",
+            "mtriple": "aarch64-linux-gnu",
+            "mattr": ["+neon"],
+            "mcpu": "generic",
+        },
+        key="arm-aarch64-neon",
+    ),
+    "cuda": _Preset(
+        description="NVIDIA GPU (arch from cuda_arch, default sm_80), host code for this machine",
+        target={"kind": "cuda", "arch": _Fill.CUDA_ARCH},
+        host=_HOST_LLVM,
+        key="cuda-{arch}",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class _Kind:
+    device_type: str
+    schedule_family: str
+    device_compiler: str | None
+
+
+# What a target kind implies. A kind missing here has no runtime/schedules in vitsparse.
+_KINDS: Mapping[str, _Kind] = {
+    "llvm": _Kind(device_type="cpu", schedule_family="cpu", device_compiler=None),
+    "cuda": _Kind(device_type="cuda", schedule_family="gpu", device_compiler="nvcc"),
+}
+
+# Linker for host code of a given ISA when this machine has another ISA.
+_CROSS_COMPILERS: Mapping[str, str] = {
+    "aarch64": "aarch64-linux-gnu-g++",
+    "x86_64": "x86_64-linux-gnu-g++",
+}
+
+_ISA_ALIASES: Mapping[str, str] = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64"}
+
+# /proc/cpuinfo flags -> SIMD level recorded in tuning keys, best first.
+_SIMD_LEVELS: tuple[tuple[str, str], ...] = (
+    ("avx512f", "avx512"),
+    ("avx2", "avx2"),
+    ("asimd", "neon"),
+    ("sse2", "sse2"),
+)
+
+
+@dataclass(frozen=True)
+class HostInfo:
+    """Facts about the compiling machine that presets depend on."""
+
+    isa: str  # 'x86_64' | 'aarch64' | ...
+    cpu_name: str  # LLVM's name, e.g. 'znver4'
+    physical_cores: int
+    cpu_flags: frozenset[str] = field(repr=False)
+    has_cuda_gpu: bool
+
+    @property
+    def simd(self) -> str:
+        """Best SIMD level of the host CPU, e.g. 'avx512', 'avx2', 'neon'."""
+        for flag, level in _SIMD_LEVELS:
+            if flag in self.cpu_flags:
+                return level
+        return "scalar"
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """A resolved compilation target and everything vitsparse derives from it.
+
+    Equality and hashing ignore ``target`` (TVM targets compare by identity); ``key`` pins it.
+    """
+
+    name: str
+    target: Target = field(compare=False)
+    device_type: str
+    schedule_family: str
+    cross_compiler: str | None
+    runs_locally: bool
+    key: str
+    device_compiler: str | None = None
+
+    @property
+    def device(self):
+        """The TVM device artifacts for this target run on (device 0)."""
+        return tvm.runtime.device(self.device_type, 0)
+
+    def to_json(self) -> dict:
+        """JSON-serialisable form; ``target`` is TVM's canonical dict (host nested)."""
+        return {
+            "name": self.name,
+            "target": json.loads(str(self.target)),
+            "device_type": self.device_type,
+            "schedule_family": self.schedule_family,
+            "cross_compiler": self.cross_compiler,
+            "device_compiler": self.device_compiler,
+            "runs_locally": self.runs_locally,
+            "key": self.key,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> TargetSpec:
+        """Inverse of :meth:`to_json`; ``runs_locally`` is re-derived for this machine."""
+        missing = sorted({"name", "target", "key"} - set(data))
+        if missing:
+            raise TargetError(f"target spec JSON lacks {missing}; it needs name, target, key")
+        return _spec_from_target(data["name"], _make_target(data["target"]), data["key"], None)
+
+
+def list_presets() -> list[str]:
+    """Names accepted by :func:`resolve_target`."""
+    return sorted(PRESETS)
+
+
+def detect_host() -> HostInfo:
+    """Inspect this machine (CPU name, physical cores, CPU flags, CUDA GPU)."""
+    flags: set[str] = set()
+    cores: set[tuple[str, str]] = set()
+    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    try:
+        with open("/proc/cpuinfo") as f:
+            blocks = f.read().split("\n\n")
+    except OSError:
+        blocks = []
+    for block in blocks:
+        info = dict(
+            (k.strip(), v.strip()) for k, _, v in (ln.partition(":") for ln in block.splitlines())
+        )
+        if "processor" not in info:
+            continue
+        if allowed is not None and int(info["processor"]) not in allowed:
+            continue
+        flags.update((info.get("flags") or info.get("Features") or "").split())
+        if "core id" in info:
+            cores.add((info.get("physical id", "0"), info["core id"]))
+    logical = len(allowed) if allowed is not None else (os.cpu_count() or 1)
+    return HostInfo(
+        isa=_normalise_isa(platform.machine()),
+        cpu_name=host_cpu_name(),
+        physical_cores=len(cores) or logical,
+        cpu_flags=frozenset(flags),
+        has_cuda_gpu=bool(tvm.cuda(0).exist),
+    )
+
+
+def resolve_target(
+    spec: str | Mapping[str, Any] | TargetSpec,
+    *,
+    cuda_arch: str | None = None,
+    host: HostInfo | None = None,
+) -> TargetSpec:
+    """Turn a preset name, a target dict (or its JSON string) or a TargetSpec into a TargetSpec.
+
+    Parameters
+    ----------
+    spec
+        A preset name from :func:`list_presets` (case-insensitive), a TVM target dict such as
+        ``{"kind": "llvm", "mtriple": "aarch64-linux-gnu"}`` (named ``'custom'``), the JSON
+        text of such a dict, or an already resolved TargetSpec (returned unchanged).
+    cuda_arch
+        ``sm_XX`` for CUDA targets (default ``sm_80``); an error for other targets.
+    host
+        Facts about the compiling machine; :func:`detect_host` when omitted. Given a HostInfo
+        the function is pure.
+    """
+    if cuda_arch is not None and not _CUDA_ARCH_RE.fullmatch(cuda_arch):
+        raise TargetError(
+            f"cuda_arch {cuda_arch!r} is not a CUDA arch; expected 'sm_' and the compute "
+            f"capability digits, e.g. 'sm_75', 'sm_80', 'sm_89', 'sm_90'"
+        )
+    if isinstance(spec, TargetSpec):
+        if cuda_arch is not None and _arch_of(spec.target) != cuda_arch:
+            raise TargetError(
+                f"cuda_arch {cuda_arch!r} conflicts with the resolved target {spec.key!r}"
+            )
+        return spec
+    host = host if host is not None else detect_host()
+    if isinstance(spec, str) and spec.lstrip().startswith("{"):
+        try:
+            spec = json.loads(spec)
+        except json.JSONDecodeError as err:
+            raise TargetError(f"target JSON {spec!r} does not parse: {err}") from None
+    if isinstance(spec, str):
+        return _resolve_preset(spec, cuda_arch, host)
+    if isinstance(spec, Mapping):
+        return _resolve_dict(spec, cuda_arch, host)
+    raise TargetError(
+        f"target must be a preset name {list_presets()}, a target dict or its JSON; "
+        f"got {type(spec).__name__}"
+    )
+
+
+def _resolve_preset(name: str, cuda_arch: str | None, host: HostInfo) -> TargetSpec:
+    preset = PRESETS.get(name.strip().lower())
+    if preset is None:
+        raise TargetError(
+            f"unknown target preset {name!r}; presets are {list_presets()} "
+            "(or pass a TVM target dict)"
+        )
+    name = name.strip().lower()
+    if preset.native_isa is not None and preset.native_isa != host.isa:
+        raise TargetError(
+            f"preset {name!r} describes this machine's {preset.native_isa} CPU, but this host "
+            f"is {host.isa}; pass a target dict with an explicit mtriple/mcpu instead"
+        )
+    is_cuda = preset.target["kind"] == "cuda"
+    if cuda_arch is not None and not is_cuda:
+        raise TargetError(f"cuda_arch {cuda_arch!r} applies to the 'cuda' preset, not {name!r}")
+    values = {
+        _Fill.HOST_CPU: host.cpu_name,
+        _Fill.HOST_CORES: host.physical_cores,
+        _Fill.CUDA_ARCH: cuda_arch or DEFAULT_CUDA_ARCH,
+    }
+    target = _make_target(
+        _fill(preset.target, values), _fill(preset.host, values) if preset.host else None
+    )
+    key = preset.key.format(
+        cpu=host.cpu_name,
+        simd=host.simd,
+        cores=host.physical_cores,
+        arch=values[_Fill.CUDA_ARCH],
+    )
+    return _spec_from_target(name, target, key, host)
+
+
+def _resolve_dict(config: Mapping[str, Any], cuda_arch: str | None, host: HostInfo) -> TargetSpec:
+    kind = config.get("kind")
+    if kind is None:
+        raise TargetError(
+            f"target dict {dict(config)!r} has no 'kind'; supported kinds are {sorted(_KINDS)}"
+        )
+    if kind not in _KINDS:
+        raise TargetError(f"target kind {kind!r} is not supported; use one of {sorted(_KINDS)}")
+    config = dict(config)
+    if kind == "cuda":
+        arch = config.get("arch")
+        if arch is not None and cuda_arch is not None and arch != cuda_arch:
+            raise TargetError(f"cuda_arch {cuda_arch!r} conflicts with the dict's arch {arch!r}")
+        config["arch"] = arch or cuda_arch or DEFAULT_CUDA_ARCH
+        if not _CUDA_ARCH_RE.fullmatch(str(config["arch"])):
+            raise TargetError(f"target arch {config['arch']!r} is not a CUDA arch like 'sm_80'")
+        config.setdefault("host", {"kind": "llvm", "mcpu": host.cpu_name})
+    elif cuda_arch is not None:
+        raise TargetError(f"cuda_arch {cuda_arch!r} applies to CUDA targets, not kind {kind!r}")
+    target = _make_target(config)
+    return _spec_from_target("custom", target, _custom_key(target), host)
+
+
+def _spec_from_target(name: str, target: Target, key: str, host: HostInfo | None) -> TargetSpec:
+    """Derive device/schedule/toolchain facts from a target; ``host`` None = this machine."""
+    kind = _KINDS.get(target.kind.name)
+    if kind is None:
+        raise TargetError(
+            f"target kind {target.kind.name!r} is not supported; use one of {sorted(_KINDS)}"
+        )
+    host_isa = host.isa if host is not None else _normalise_isa(platform.machine())
+    code_target = target.host if target.host is not None else target
+    isa = _isa_of(code_target, host_isa)
+    cross = None
+    if isa != host_isa:
+        cross = _CROSS_COMPILERS.get(isa)
+        if cross is None:
+            raise TargetError(
+                f"no cross compiler known for {isa!r} (mtriple {_attr(code_target, 'mtriple')!r}"
+                f"); supported: {sorted(_CROSS_COMPILERS)}"
+            )
+    if kind.device_type == "cpu":
+        runs_locally = cross is None
+    else:
+        gpu = host.has_cuda_gpu if host is not None else bool(tvm.cuda(0).exist)
+        runs_locally = cross is None and gpu
+    return TargetSpec(
+        name=name,
+        target=target,
+        device_type=kind.device_type,
+        schedule_family=kind.schedule_family,
+        cross_compiler=cross,
+        runs_locally=runs_locally,
+        key=_safe_key(key),
+        device_compiler=kind.device_compiler,
+    )
+
+
+def _make_target(config: Mapping[str, Any] | str, host: Mapping[str, Any] | None = None) -> Target:
+    try:
+        return Target(dict(config) if isinstance(config, Mapping) else config, host=host)
+    except (ValueError, TypeError, RuntimeError) as err:
+        raise TargetError(f"invalid target {config!r}: {err}") from None
+
+
+def _fill(template: Mapping[str, Any], values: Mapping[_Fill, Any]) -> dict[str, Any]:
+    return {k: values[v] if isinstance(v, _Fill) else v for k, v in template.items()}
+
+
+def _attr(target: Target, name: str) -> Any:
+    value = target.attrs.get(name)
+    return None if value is None else str(value)
+
+
+def _arch_of(target: Target) -> str | None:
+    return _attr(target, "arch")
+
+
+def _isa_of(target: Target, host_isa: str) -> str:
+    """ISA the host-side code of ``target`` runs on (LLVM targets without mtriple: this host)."""
+    triple = _attr(target, "mtriple")
+    return _normalise_isa(triple.split("-")[0]) if triple else host_isa
+
+
+def _normalise_isa(name: str) -> str:
+    name = name.lower()
+    return _ISA_ALIASES.get(name, name)
+
+
+def _custom_key(target: Target) -> str:
+    canonical = json.dumps(json.loads(str(target)), sort_keys=True)
+    digest = hashlib.sha256(canonical.encode()).hexdigest()[:12]
+    detail = _arch_of(target) or _attr(target, "mcpu") or _attr(target, "mtriple") or "default"
+    return f"custom-{target.kind.name}-{detail}-{digest}"
+
+
+def _safe_key(key: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", key).strip("-.")
