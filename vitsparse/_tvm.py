@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import tvm
 import tvm.relax.frontend.torch  # noqa: F401  (makes relax.frontend.torch importable)
+import tvm_ffi
 from tvm import relax, te, topi
 from tvm import tirx as tir
 from tvm.s_tir import dlight
@@ -30,6 +31,11 @@ def from_onnx(model, **kwargs):
     from tvm.relax.frontend import onnx as onnx_frontend
 
     return onnx_frontend.from_onnx(model, **kwargs)
+
+
+def structural_hash(node) -> int:
+    """Structural hash of an IR node (moved to tvm_ffi in 0.27)."""
+    return int(tvm_ffi.structural_hash(node))
 
 
 def host_cpu_name() -> str:
@@ -59,6 +65,7 @@ __all__ = [
     "relax",
     "struct_dtype",
     "struct_shape",
+    "structural_hash",
     "te",
     "tir",
     "topi",

@@ -223,9 +223,7 @@ def compile_model(
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
     imported = import_model(source, batch=batch, checkpoint=checkpoint, pretrained=pretrained)
-    return compile_imported(
-        imported, target=target, cuda_arch=cuda_arch, db=db, dump_dir=dump_dir
-    )
+    return compile_imported(imported, target=target, cuda_arch=cuda_arch, db=db, dump_dir=dump_dir)
 
 
 def load_artifact(outdir: str | Path) -> tuple[dict, object]:

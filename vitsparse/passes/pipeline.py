@@ -29,7 +29,8 @@ def _legalize_gelu_fast(bb, call):
     # Exact-erf GELU through TVM's vectorisable fast erf (libm erf is a scalar call per element).
     def gelu(x):
         return topi.multiply(
-            x, topi.add(0.5, topi.multiply(0.5, topi.fast_erf(topi.multiply(x, 0.7071067811865476))))
+            x,
+            topi.add(0.5, topi.multiply(0.5, topi.fast_erf(topi.multiply(x, 0.7071067811865476)))),
         )
 
     return bb.call_te(gelu, call.args[0], primfunc_name_hint="gelu")

@@ -160,7 +160,9 @@ def _parallel_vectorize(sch: Schedule, block) -> None:
         spatial.append(lp)
     if not spatial:
         return
-    all_spatial = len(spatial) == len(loops) and all(int(iv.iter_type) == 0 for iv in stmt.iter_vars)
+    all_spatial = len(spatial) == len(loops) and all(
+        int(iv.iter_type) == 0 for iv in stmt.iter_vars
+    )
     if all_spatial and len(loops) > 1:
         inner = loops[-1]
         outer = sch.fuse(*loops[:-1])

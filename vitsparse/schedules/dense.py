@@ -66,8 +66,6 @@ def pack_weight(weight: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(weight.reshape(n // PANEL, PANEL, k).transpose(0, 2, 1))
 
 
-
-
 def dense_primfunc(shape: DenseShape) -> tir.PrimFunc:
     """Unscheduled PrimFunc (X, Wp, B) -> Y for one dense workload."""
     m, k_dim, n = shape.m, shape.k, shape.n
@@ -84,9 +82,7 @@ def dense_primfunc(shape: DenseShape) -> tir.PrimFunc:
         # Exact-erf GELU with TVM's fast erf (vectorisable; libm's erf is a scalar call).
         pre = te.compute((m, n), lambda i, j: acc[i, j] + b[j], name="bias")
         erf = topi.fast_erf(te.compute((m, n), lambda i, j: pre[i, j] * 0.7071067811865476))
-        y = te.compute(
-            (m, n), lambda i, j: pre[i, j] * (0.5 + 0.5 * erf[i, j]), name="epilogue"
-        )
+        y = te.compute((m, n), lambda i, j: pre[i, j] * (0.5 + 0.5 * erf[i, j]), name="epilogue")
     else:
         y = te.compute((m, n), lambda i, j: acc[i, j] + b[j], name="epilogue")
     func = te.create_prim_func([x, w, b, y]).without_attr("global_symbol")

@@ -1,0 +1,312 @@
+"""The ``vitsparse`` command line: a thin layer over the Python API.
+
+Each command parses its arguments, makes one API call and prints the result. Errors in the user's
+input (VitsparseError, missing files) print ``vitsparse: error: <message>`` and exit with status
+2, as argparse does for bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from vitsparse.errors import ArtifactError, ModelError, VitsparseError
+
+DEMO_MODEL = "deit_tiny_patch16_224"
+EXIT_USAGE = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (VitsparseError, OSError) as err:
+        print(f"vitsparse: error: {_message(err)}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("vitsparse: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every command (each subparser sets ``run``)."""
+    from vitsparse import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="vitsparse",
+        description="Compile Vision Transformers with Apache TVM and compare them with PyTorch "
+        "and ONNX Runtime.",
+    )
+    parser.add_argument("--version", action="version", version=f"vitsparse {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = commands.add_parser("compile", help="compile a model into a deployable artifact")
+    _model_args(p)
+    _target_args(p)
+    p.add_argument("--db", metavar="DIR", help="tuning database root (from `vitsparse tune`)")
+    p.add_argument("--dump-ir", metavar="DIR", help="write the module after each phase here")
+    p.add_argument("-o", "--output", metavar="OUTDIR", required=True, help="artifact directory")
+    p.set_defaults(run=_compile)
+
+    p = commands.add_parser("bench", help="time the model under PyTorch, ONNX Runtime and TVM")
+    _model_args(p)
+    _target_args(p)
+    _timing_args(p)
+    p.add_argument("--db", metavar="DIR", help="tuning database root (from `vitsparse tune`)")
+    p.add_argument(
+        "--runtimes",
+        type=_runtime_list,
+        metavar="R1,R2",
+        help="runtimes to compare, comma-separated (default: torch-eager,onnxruntime,tvm-dense)",
+    )
+    p.add_argument("--json", type=_output_file, metavar="FILE", help="write the report as JSON")
+    p.add_argument("--markdown", type=_output_file, metavar="FILE", help="write it as markdown")
+    p.set_defaults(run=_bench)
+
+    p = commands.add_parser("tune", help="tune the model's kernels into a database")
+    _model_args(p)
+    _target_args(p)
+    p.add_argument("--db", metavar="DIR", required=True, help="tuning database root")
+    p.add_argument("--trials", type=_positive_int, metavar="N", help="total trial budget")
+    p.set_defaults(run=_tune)
+
+    p = commands.add_parser(
+        "demo", help=f"compare PyTorch, ONNX Runtime and TVM on {DEMO_MODEL} for this CPU"
+    )
+    p.add_argument("--model", default=DEMO_MODEL, help=f"timm model name (default {DEMO_MODEL})")
+    p.add_argument(
+        "--pretrained",
+        action="store_true",
+        help="use timm's pretrained weights if they can be fetched (default: random weights)",
+    )
+    _timing_args(p)
+    p.set_defaults(run=_demo)
+
+    p = commands.add_parser("targets", help="list the target presets as resolved on this machine")
+    p.set_defaults(run=_targets)
+    return parser
+
+
+# --- commands ------------------------------------------------------------------------------
+
+
+def _compile(args: argparse.Namespace) -> None:
+    from vitsparse.compiler import ARTIFACT_MANIFEST, compile_model
+
+    outdir = Path(args.output)
+    _check_artifact_dir(outdir, ARTIFACT_MANIFEST)
+    _say(f"[compile] compiling {args.model} for {args.target} ...")
+    compiled = compile_model(
+        _model_source(args.model),
+        target=args.target,
+        batch=args.batch,
+        checkpoint=args.checkpoint,
+        pretrained=args.pretrained,
+        cuda_arch=args.cuda_arch,
+        db=args.db,
+        dump_dir=args.dump_ir,
+    )
+    compiled.export(outdir)
+    graph = compiled.imported.graph
+    tuned = f"{compiled.tuned_kernels} kernels from the tuning database"
+    if args.db is None:
+        tuned = "none (no --db; hand-written schedules)"
+    elif compiled.tuned_kernels == 0:
+        tuned += f" (no records for {compiled.spec.key} under {args.db})"
+    files = ", ".join(f"{f.name} {f.stat().st_size / 1e6:.1f} MB" for f in sorted(outdir.iterdir()))
+    print(f"model     {graph.summary().splitlines()[0]}")
+    print(f"input     {'x'.join(str(d) for d in compiled.input_shape)} float32")
+    print(f"target    {compiled.spec.name} -> {compiled.spec.key}")
+    print(f"          {json.dumps(compiled.spec.to_json()['target'])}")
+    print(f"tuned     {tuned}")
+    print(f"artifact  {outdir} ({files})")
+    if not compiled.spec.runs_locally:
+        print("note      this machine cannot run the artifact; copy it to the device")
+
+
+def _bench(args: argparse.Namespace) -> None:
+    from vitsparse.report import DEFAULT_RUNTIMES, bench
+
+    report = bench(
+        _model_source(args.model),
+        target=args.target,
+        batch=args.batch,
+        threads=args.threads,
+        repeat=args.repeat,
+        number=args.number,
+        db=args.db,
+        checkpoint=args.checkpoint,
+        pretrained=args.pretrained,
+        cuda_arch=args.cuda_arch,
+        include=args.runtimes or DEFAULT_RUNTIMES,
+        progress=_say,
+    )
+    print(report.table())
+    _write_report(report, json_path=args.json, markdown_path=args.markdown)
+
+
+def _tune(args: argparse.Namespace) -> None:
+    from vitsparse.schedules.tuning import tune  # imported late: tuning pulls in MetaSchedule
+
+    report = tune(
+        _model_source(args.model),
+        target=args.target,
+        db=args.db,
+        trials=args.trials,
+        batch=args.batch,
+        checkpoint=args.checkpoint,
+        pretrained=args.pretrained,
+        cuda_arch=args.cuda_arch,
+        progress=_say,
+    )
+    print(report.summary())
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from vitsparse.frontend import load_torch_model
+    from vitsparse.report import bench
+
+    pretrained = False
+    if args.pretrained:
+        try:
+            load_torch_model(args.model, pretrained=True)
+            pretrained = True
+        except ModelError as err:
+            _say(f"[demo] {err}; using random weights")
+    report = bench(
+        args.model,
+        target="x86",
+        pretrained=pretrained,
+        threads=args.threads,
+        repeat=args.repeat,
+        number=args.number,
+        progress=_say,
+    )
+    print(report.table())
+
+
+def _targets(args: argparse.Namespace) -> None:
+    from vitsparse.targets import PRESETS, list_presets, resolve_target
+
+    for name in list_presets():
+        print(f"{name}: {PRESETS[name].description}")
+        try:
+            spec = resolve_target(name)
+        except VitsparseError as err:
+            print(f"  not available here: {err}\n")
+            continue
+        compilers = [c for c in (spec.cross_compiler, spec.device_compiler) if c]
+        print(f"  key        {spec.key}")
+        print(f"  target     {json.dumps(spec.to_json()['target'])}")
+        print(f"  runs here  {'yes' if spec.runs_locally else 'no'}")
+        print(f"  toolchain  {', '.join(compilers) or 'host C++ compiler'}\n")
+
+
+# --- arguments -----------------------------------------------------------------------------
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL", help="timm model name or path to an .onnx file")
+    p.add_argument("--batch", type=_positive_int, default=1, metavar="B", help="batch size")
+    p.add_argument("--checkpoint", metavar="FILE", help="torch.save'd weights for MODEL")
+    p.add_argument("--pretrained", action="store_true", help="timm's pretrained weights")
+
+
+def _target_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--target",
+        default="x86",
+        metavar="T",
+        help="preset (`vitsparse targets` lists them) or a TVM target dict as JSON (default x86)",
+    )
+    p.add_argument("--cuda-arch", metavar="sm_XX", help="CUDA arch for --target cuda")
+
+
+def _timing_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=_positive_int, metavar="N", help="default: all CPUs")
+    p.add_argument("--repeat", type=_positive_int, default=10, metavar="R", help="samples")
+    p.add_argument("--number", type=_positive_int, default=5, metavar="N", help="runs/sample")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not positive")
+    return value
+
+
+def _runtime_list(text: str) -> tuple[str, ...]:
+    from vitsparse.report import KNOWN_RUNTIMES
+
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in KNOWN_RUNTIMES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown runtime(s) {unknown}; known: {', '.join(KNOWN_RUNTIMES)}"
+        )
+    return names
+
+
+def _output_file(text: str) -> Path:
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory, not a file name")
+    return path
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+def _model_source(text: str) -> str:
+    """MODEL as the API takes it; a path to a file other than .onnx gets a pointed message."""
+    path = Path(text)
+    if not text.lower().endswith(".onnx") and (path.suffix or "/" in text) and path.exists():
+        raise ModelError(
+            f"{text!r} is a file, but only .onnx files can be given as MODEL; for PyTorch "
+            "weights give the timm model name and --checkpoint FILE"
+        )
+    return text
+
+
+def _check_artifact_dir(outdir: Path, manifest: str) -> None:
+    """Refuse to replace anything but an earlier artifact (export swaps the whole directory)."""
+    if outdir.exists() and not outdir.is_dir():
+        raise ArtifactError(f"output {str(outdir)!r} exists and is not a directory")
+    if outdir.is_dir() and any(outdir.iterdir()) and not (outdir / manifest).is_file():
+        raise ArtifactError(
+            f"output directory {str(outdir)!r} is not empty and holds no vitsparse artifact "
+            f"({manifest}); refusing to replace it, choose another -o"
+        )
+
+
+def _write_report(report, *, json_path: Path | None, markdown_path: Path | None) -> None:
+    from vitsparse.report import write_text_atomic
+
+    if json_path is not None:
+        write_text_atomic(json_path, json.dumps(report.to_json(), indent=2) + "\n")
+        _say(f"[bench] wrote {json_path}")
+    if markdown_path is not None:
+        write_text_atomic(markdown_path, report.to_markdown())
+        _say(f"[bench] wrote {markdown_path}")
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _message(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.filename is not None and err.strerror:
+        return f"{err.strerror}: {err.filename}"
+    return str(err)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

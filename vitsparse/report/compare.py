@@ -1,0 +1,443 @@
+"""Side-by-side latency of one ViT under several runtimes: PyTorch eager, ONNX Runtime, TVM.
+
+Every runtime gets the same seeded random input, the same thread count and the same timing
+scheme as TVM's time_evaluator (``repeat`` samples, each the mean of ``number`` runs, after a
+warm-up), and its output is checked against a reference: PyTorch's output, or ONNX Runtime's
+when the model came in as an ONNX file.
+
+A runtime is one entry of ``_RUNNERS`` (name -> function of the shared ``_Session``); a new row,
+such as a pruned model, is a new function there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import os
+import platform
+import tempfile
+import time
+import uuid
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vitsparse.report.table import (
+    ONNXRUNTIME,
+    STATUS_OK,
+    TORCH_EAGER,
+    TVM_DENSE,
+    BenchReport,
+    BenchRow,
+)
+
+DEFAULT_RUNTIMES = (TORCH_EAGER, ONNXRUNTIME, TVM_DENSE)
+ONNX_OPSET = 18
+
+Progress = Callable[[str], None]
+
+
+def bench(
+    source,
+    *,
+    target: str | Mapping[str, Any] = "x86",
+    batch: int = 1,
+    threads: int | None = None,
+    repeat: int = 10,
+    number: int = 5,
+    warmup: int = 3,
+    db: str | Path | None = None,
+    checkpoint: str | Path | None = None,
+    pretrained: bool = False,
+    cuda_arch: str | None = None,
+    include: Sequence[str] = DEFAULT_RUNTIMES,
+    seed: int = 0,
+    progress: Progress | None = print,
+) -> BenchReport:
+    """Time ``source`` under each runtime in ``include`` and check their outputs.
+
+    Parameters
+    ----------
+    source
+        A timm name, a ``torch.nn.Module``, or an ``.onnx`` path (then onnxruntime runs the file
+        itself and is the numerical reference; torch-eager is reported as not run).
+    target
+        The TVM target (preset name or target dict). PyTorch and ONNX Runtime run on this
+        machine's CPU; a TVM target that cannot run here is compiled and reported as not run.
+    threads
+        Threads for every runtime (default ``os.cpu_count()``).
+    repeat, number, warmup
+        ``repeat`` timing samples, each the mean of ``number`` runs, after ``warmup`` runs.
+    db
+        Tuning-database root for the TVM build.
+    include
+        Runtimes to run, in order; see :data:`DEFAULT_RUNTIMES`.
+    progress
+        Called with one line per step (``None`` for silence).
+
+    Raises
+    ------
+    ValueError
+        An unknown runtime in ``include`` or a non-positive count.
+    VitsparseError
+        The model, target or database cannot be used (raised before any timing starts).
+    """
+    include = _check_include(include)
+    threads = threads if threads is not None else (os.cpu_count() or 1)
+    for name, value in (("batch", batch), ("threads", threads), ("repeat", repeat)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if number < 1 or warmup < 0:
+        raise ValueError(f"number must be >= 1 and warmup >= 0, got {number}, {warmup}")
+    say = progress or (lambda _line: None)
+
+    from vitsparse.compiler import open_database
+    from vitsparse.frontend import import_model
+    from vitsparse.targets import resolve_target
+
+    spec = resolve_target(target, cuda_arch=cuda_arch)
+    if any(name.startswith("tvm-") for name in include):
+        open_database(db, spec)  # a bad database fails now, not after the other runtimes
+    label = source if isinstance(source, str | Path) else type(source).__name__
+    say(f"[bench] importing {label} (batch {batch}) ...")
+    imported = import_model(source, batch=batch, checkpoint=checkpoint, pretrained=pretrained)
+    x = np.random.default_rng(seed).standard_normal(imported.input_shape, dtype=np.float32)
+    with contextlib.ExitStack() as stack:
+        session = _Session(
+            imported=imported,
+            x=x,
+            threads=threads,
+            timing=_Timing(repeat, number, warmup),
+            spec=spec,
+            db=db,
+            say=say,
+            tmpdir=Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="vitsparse-"))),
+        )
+        session.reference_name, session.reference = _reference(session)
+        rows = tuple(_RUNNERS[name](session) for name in include)
+    return BenchReport(
+        model=imported.model_id,
+        weights=_weights_label(source, checkpoint, pretrained),
+        target=spec.to_json(),
+        batch=batch,
+        threads=threads,
+        input_shape=tuple(imported.input_shape),
+        reference=session.reference_name,
+        repeat=repeat,
+        number=number,
+        versions=_versions(),
+        date=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        host=host_info(),
+        rows=rows,
+    )
+
+
+def host_info() -> dict[str, Any]:
+    """This machine's CPU: model name, LLVM name, SIMD level, core and logical CPU counts."""
+    from vitsparse.targets import detect_host
+
+    host = detect_host()
+    return {
+        "cpu_model": _cpu_model(),
+        "machine": platform.machine(),
+        "llvm_cpu": host.cpu_name,
+        "simd": host.simd,
+        "physical_cores": host.physical_cores,
+        "logical_cpus": os.cpu_count(),
+        "cuda_gpu": host.has_cuda_gpu,
+        "os": platform.platform(),
+    }
+
+
+# --- runtimes ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Timing:
+    repeat: int
+    number: int
+    warmup: int
+
+    def measure(self, fn: Callable[[], object]) -> dict[str, float]:
+        """Median/min/max ms over ``repeat`` samples, each the mean of ``number`` calls."""
+        for _ in range(self.warmup):
+            fn()
+        samples = []
+        for _ in range(self.repeat):
+            start = time.perf_counter()
+            for _ in range(self.number):
+                fn()
+            samples.append((time.perf_counter() - start) / self.number * 1e3)
+        return _stats(samples)
+
+
+@dataclass
+class _Session:
+    """What every runtime of one bench call shares."""
+
+    imported: Any  # ImportedModel
+    x: np.ndarray
+    threads: int
+    timing: _Timing
+    spec: Any  # TargetSpec
+    db: str | Path | None
+    say: Progress
+    tmpdir: Path
+    reference_name: str = TORCH_EAGER
+    reference: np.ndarray | None = None
+    _onnx: tuple[Path, str] | None = field(default=None, repr=False)
+
+    def error(self, out: np.ndarray) -> float:
+        return float(np.max(np.abs(np.asarray(out, np.float32) - self.reference)))
+
+    def onnx_file(self) -> tuple[Path, str]:
+        """(ONNX path, how it was made): the source file, or the torch model exported once."""
+        if self._onnx is None:
+            if self.imported.onnx_path is not None:
+                self._onnx = (Path(self.imported.onnx_path), "the source ONNX file")
+            else:
+                self.say(f"[bench] exporting {self.imported.model_id} to ONNX ...")
+                self._onnx = _export_onnx(self.imported.torch_model, self.x, self.tmpdir)
+        return self._onnx
+
+
+def _reference(session: _Session) -> tuple[str, np.ndarray]:
+    model = session.imported.torch_model
+    if model is not None:
+        import torch
+
+        with _torch_threads(session.threads), torch.inference_mode():
+            return TORCH_EAGER, model(torch.from_numpy(session.x)).numpy()
+    with _ort_session(session) as (run, _):
+        return ONNXRUNTIME, run()
+
+
+def _run_torch(session: _Session) -> BenchRow:
+    model = session.imported.torch_model
+    if model is None:
+        return BenchRow.not_run(TORCH_EAGER, "cpu", "ONNX input has no PyTorch model")
+    import torch
+
+    session.say(f"[bench] timing {TORCH_EAGER} ({session.threads} threads) ...")
+    x = torch.from_numpy(session.x)
+    with _torch_threads(session.threads), torch.inference_mode():
+        out = model(x).numpy()
+        latency = session.timing.measure(lambda: model(x))
+    return BenchRow(
+        runtime=TORCH_EAGER,
+        device="cpu",
+        status=STATUS_OK,
+        latency_ms=latency,
+        repeats=session.timing.repeat,
+        max_abs_err_vs_torch=session.error(out),
+        detail=f"torch {_version('torch')}, inference_mode",
+    )
+
+
+def _run_onnxruntime(session: _Session) -> BenchRow:
+    with _ort_session(session) as (run, made_from):
+        session.say(f"[bench] timing {ONNXRUNTIME} ({session.threads} threads) ...")
+        out = run()
+        latency = session.timing.measure(run)
+    return BenchRow(
+        runtime=ONNXRUNTIME,
+        device="cpu",
+        status=STATUS_OK,
+        latency_ms=latency,
+        repeats=session.timing.repeat,
+        max_abs_err_vs_torch=session.error(out),
+        detail=f"onnxruntime {_version('onnxruntime')} CPUExecutionProvider on {made_from}",
+    )
+
+
+def _run_tvm_dense(session: _Session) -> BenchRow:
+    from vitsparse.compiler import compile_imported, set_num_threads
+
+    spec, model_id = session.spec, session.imported.model_id
+    session.say(f"[bench] compiling {model_id} for {spec.name} ({spec.key}) ...")
+    start = time.perf_counter()
+    compiled = compile_imported(session.imported, target=spec, db=session.db)
+    detail = (
+        f"compiled in {time.perf_counter() - start:.1f} s, "
+        f"{compiled.tuned_kernels} kernels from the tuning database"
+    )
+    if not spec.runs_locally:
+        where = "a CUDA GPU" if spec.device_type == "cuda" else "a matching CPU"
+        return BenchRow.not_run(
+            TVM_DENSE,
+            spec.device_type,
+            f"target {spec.key} needs {where}; this machine cannot run it",
+            detail,
+        )
+    if spec.device_type == "cpu":
+        set_num_threads(session.threads)
+    session.say(f"[bench] timing {TVM_DENSE} ({session.threads} threads) ...")
+    out = compiled.run(session.x)
+    t = session.timing
+    stats = compiled.time(session.x, repeat=t.repeat, number=t.number, warmup=t.warmup)
+    return BenchRow(
+        runtime=TVM_DENSE,
+        device=spec.device_type,
+        status=STATUS_OK,
+        latency_ms={"median": stats.median_ms, "min": stats.min_ms, "max": stats.max_ms},
+        repeats=stats.repeats,
+        max_abs_err_vs_torch=session.error(out),
+        detail=detail,
+    )
+
+
+_RUNNERS: Mapping[str, Callable[[_Session], BenchRow]] = {
+    TORCH_EAGER: _run_torch,
+    ONNXRUNTIME: _run_onnxruntime,
+    TVM_DENSE: _run_tvm_dense,
+}
+
+KNOWN_RUNTIMES: tuple[str, ...] = tuple(_RUNNERS)
+
+
+def _check_include(include: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(include, str):
+        include = (include,)
+    unknown = [name for name in include if name not in _RUNNERS]
+    if unknown:
+        raise ValueError(f"unknown runtime(s) {unknown}; known runtimes are {list(KNOWN_RUNTIMES)}")
+    if not include:
+        raise ValueError(f"include names no runtime; known runtimes are {list(KNOWN_RUNTIMES)}")
+    return tuple(dict.fromkeys(include))
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int) -> Iterator[None]:
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@contextlib.contextmanager
+def _ort_session(session: _Session) -> Iterator[tuple[Callable[[], np.ndarray], str]]:
+    """A CPU InferenceSession on the session's ONNX file; yields (run, how the file was made)."""
+    import onnxruntime as ort
+
+    path, made_from = session.onnx_file()
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = session.threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    ort_session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    feed = {ort_session.get_inputs()[0].name: session.x}
+    # The session (and its spinning worker threads) dies with the caller's `run`, before the
+    # next runtime is timed.
+    yield (lambda: ort_session.run(None, feed)[0]), made_from
+
+
+def _export_onnx(model, x: np.ndarray, outdir: Path) -> tuple[Path, str]:
+    """Export ``model`` at ``x``'s shape: torch.export-based exporter, the TorchScript one if
+    that fails. Returns the path and which exporter wrote it."""
+    import torch
+
+    path = outdir / "model.onnx"
+    example = (torch.from_numpy(x),)
+    common = {"input_names": ["x"], "output_names": ["logits"], "opset_version": ONNX_OPSET}
+    try:
+        torch.onnx.export(model, example, str(path), dynamo=True, verbose=False, **common)
+        return path, f"an ONNX export (torch.onnx dynamo exporter, opset {ONNX_OPSET})"
+    except Exception as err:  # the exporter raises many types; fall back, then give up
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    for stale in outdir.glob("model.onnx*"):
+        stale.unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
+        torch.onnx.export(model, example, str(path), dynamo=False, **common)
+    return path, (
+        f"an ONNX export (TorchScript exporter, opset {ONNX_OPSET}; the dynamo exporter "
+        f"failed: {first})"
+    )
+
+
+def _stats(samples_ms: Sequence[float]) -> dict[str, float]:
+    ms = np.asarray(samples_ms, dtype=np.float64)
+    return {"median": float(np.median(ms)), "min": float(ms.min()), "max": float(ms.max())}
+
+
+def _weights_label(source, checkpoint, pretrained: bool) -> str:
+    if checkpoint is not None:
+        return f"checkpoint {Path(checkpoint).name}"
+    if pretrained:
+        return "pretrained"
+    if isinstance(source, str | Path) and str(source).lower().endswith(".onnx"):
+        return "ONNX file"
+    return "random" if isinstance(source, str) else "module"
+
+
+def _versions() -> dict[str, str]:
+    from vitsparse import __version__
+
+    return {
+        "vitsparse": __version__,
+        "tvm": _version("apache-tvm"),
+        "torch": _version("torch"),
+        "timm": _version("timm"),
+        "onnx": _version("onnx"),
+        "onnxruntime": _version("onnxruntime"),
+        "numpy": _version("numpy"),
+        "python": platform.python_version(),
+    }
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file beside it and ``os.replace``, so a
+    reader never sees a half-written file; the directory is created if needed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # open(..., "x") rather than mkstemp: the file gets the umask's permissions, not 0600
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "x", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+__all__ = [
+    "DEFAULT_RUNTIMES",
+    "KNOWN_RUNTIMES",
+    "BenchReport",
+    "BenchRow",
+    "bench",
+    "host_info",
+    "write_text_atomic",
+]

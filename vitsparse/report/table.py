@@ -1,0 +1,263 @@
+"""The result of a runtime comparison (BenchRow, BenchReport) and its rendering as JSON, a
+markdown table and fixed-width text for the terminal."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+TORCH_EAGER = "torch-eager"
+ONNXRUNTIME = "onnxruntime"
+TVM_DENSE = "tvm-dense"
+STATUS_OK = "ok"
+
+
+@dataclass(frozen=True)
+class BenchRow:
+    """One runtime's result. ``latency_ms`` (median/min/max) is None when it did not run."""
+
+    runtime: str
+    device: str
+    status: str
+    latency_ms: Mapping[str, float] | None = None
+    repeats: int = 0
+    max_abs_err_vs_torch: float | None = None
+    detail: str = ""
+
+    @property
+    def ran(self) -> bool:
+        return self.latency_ms is not None
+
+    @property
+    def median_ms(self) -> float | None:
+        return None if self.latency_ms is None else self.latency_ms["median"]
+
+    @classmethod
+    def not_run(cls, runtime: str, device: str, reason: str, detail: str = "") -> BenchRow:
+        return cls(runtime=runtime, device=device, status=f"not run: {reason}", detail=detail)
+
+    def to_json(self) -> dict:
+        return {
+            "runtime": self.runtime,
+            "latency_ms": None if self.latency_ms is None else dict(self.latency_ms),
+            "repeats": self.repeats,
+            "max_abs_err_vs_torch": self.max_abs_err_vs_torch,
+            "status": self.status,
+            "device": self.device,
+            "detail": self.detail,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> BenchRow:
+        return cls(
+            runtime=data["runtime"],
+            device=data.get("device", "cpu"),
+            status=data["status"],
+            latency_ms=None if data["latency_ms"] is None else dict(data["latency_ms"]),
+            repeats=data["repeats"],
+            max_abs_err_vs_torch=data["max_abs_err_vs_torch"],
+            detail=data.get("detail", ""),
+        )
+
+
+@dataclass(frozen=True)
+class BenchReport:
+    """The result of :func:`bench`: what was measured, where, and one row per runtime.
+
+    ``reference`` names the runtime whose output the errors are measured against: torch-eager,
+    or onnxruntime for an ONNX model (the row field keeps the name ``max_abs_err_vs_torch``).
+    """
+
+    model: str
+    target: Mapping[str, Any]
+    batch: int
+    threads: int
+    input_shape: tuple[int, ...]
+    reference: str
+    repeat: int
+    number: int
+    versions: Mapping[str, str]
+    date: str
+    host: Mapping[str, Any]
+    rows: tuple[BenchRow, ...]
+    weights: str = "random"
+
+    def row(self, runtime: str) -> BenchRow:
+        """The row of ``runtime`` (KeyError if it was not included)."""
+        for r in self.rows:
+            if r.runtime == runtime:
+                return r
+        raise KeyError(f"no {runtime!r} row; rows are {[r.runtime for r in self.rows]}")
+
+    @property
+    def speedup(self) -> dict[str, float]:
+        """``"<tvm row> vs <baseline>"`` -> baseline median / TVM median, for every TVM row and
+        non-TVM baseline that both ran (above 1: TVM is faster)."""
+        ran = [r for r in self.rows if r.ran and r.median_ms]
+        return {
+            f"{t.runtime} vs {b.runtime}": b.median_ms / t.median_ms
+            for t in ran
+            if t.runtime.startswith("tvm-")
+            for b in ran
+            if not b.runtime.startswith("tvm-")
+        }
+
+    def to_json(self) -> dict:
+        return {
+            "format": "vitsparse-bench/1",
+            "model": self.model,
+            "weights": self.weights,
+            "target": dict(self.target),
+            "batch": self.batch,
+            "threads": self.threads,
+            "input_shape": list(self.input_shape),
+            "reference": self.reference,
+            "repeat": self.repeat,
+            "number": self.number,
+            "versions": dict(self.versions),
+            "date": self.date,
+            "host": dict(self.host),
+            "rows": [r.to_json() for r in self.rows],
+            "speedup": self.speedup,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> BenchReport:
+        """Inverse of :meth:`to_json` (``speedup`` is recomputed from the rows)."""
+        return cls(
+            model=data["model"],
+            target=dict(data["target"]),
+            batch=data["batch"],
+            threads=data["threads"],
+            input_shape=tuple(data["input_shape"]),
+            reference=data["reference"],
+            repeat=data["repeat"],
+            number=data["number"],
+            versions=dict(data["versions"]),
+            date=data["date"],
+            host=dict(data["host"]),
+            rows=tuple(BenchRow.from_json(r) for r in data["rows"]),
+            weights=data.get("weights", "random"),
+        )
+
+    def title(self) -> str:
+        shape = "x".join(str(d) for d in self.input_shape)
+        return (
+            f"{self.model} ({self.weights} weights), batch {self.batch}, input {shape}, "
+            f"{self.threads} threads, target {self.target.get('name')} "
+            f"({self.target.get('key')})"
+        )
+
+    def table(self) -> str:
+        """Fixed-width text for the terminal: a title, the rows, the speedups."""
+        headers, cells = self._cells()
+        lines = [self.title(), "", _text_table(headers, cells, right=2), ""]
+        lines += self._notes()
+        return "\n".join(lines)
+
+    def to_markdown(self) -> str:
+        """A markdown section: a heading, the table, then the speedups and the setup."""
+        headers, cells = self._cells()
+        host = self.host
+        lines = [
+            f"### {self.model}, batch {self.batch}",
+            "",
+            _markdown_table(headers, cells, right=2),
+            "",
+            *(f"- {note}" for note in self._notes()),
+            f"- host: {host.get('cpu_model')} ({host.get('llvm_cpu')}, {host.get('simd')}), "
+            f"{host.get('logical_cpus')} logical CPUs; {self.threads} threads per runtime",
+            f"- target: `{self.target.get('key')}`; date {self.date}",
+            f"- versions: {', '.join(f'{k} {v}' for k, v in self.versions.items())}",
+        ]
+        return "\n".join(lines) + "\n"
+
+    def _cells(self) -> tuple[list[str], list[list[str]]]:
+        ref = self.row(self.reference) if self.reference in self._names() else None
+        ref_ms = ref.median_ms if ref is not None else None
+        headers = [
+            "runtime",
+            "device",
+            "median ms",
+            "min ms",
+            "max ms",
+            "runs",
+            f"max|err| vs {self.reference}",
+            f"vs {self.reference}",
+            "status",
+        ]
+        cells = []
+        for r in self.rows:
+            lat = r.latency_ms
+            speed = f"{ref_ms / r.median_ms:.2f}x" if r.ran and ref_ms and r.median_ms else "-"
+            err = "-" if r.max_abs_err_vs_torch is None else f"{r.max_abs_err_vs_torch:.1e}"
+            cells.append(
+                [
+                    r.runtime,
+                    r.device,
+                    f"{lat['median']:.2f}" if lat else "-",
+                    f"{lat['min']:.2f}" if lat else "-",
+                    f"{lat['max']:.2f}" if lat else "-",
+                    f"{r.repeats}x{self.number}" if r.ran else "-",
+                    err,
+                    speed,
+                    r.status,
+                ]
+            )
+        return headers, cells
+
+    def _notes(self) -> list[str]:
+        notes = [
+            f"{pair}: {ratio:.2f}x ({pair.split(' vs ')[1]} median / "
+            f"{pair.split(' vs ')[0]} median)"
+            for pair, ratio in self.speedup.items()
+        ]
+        if self.reference != TORCH_EAGER:
+            notes.append(
+                f"errors are measured against {self.reference}'s output (ONNX input: no "
+                "PyTorch model to compare with)"
+            )
+        notes += [f"{r.runtime}: {r.detail}" for r in self.rows if r.detail]
+        return notes
+
+    def _names(self) -> list[str]:
+        return [r.runtime for r in self.rows]
+
+
+def _text_table(headers: Sequence[str], rows: Sequence[Sequence[str]], *, right: int = 1) -> str:
+    """Columns padded to their widest cell; the first ``right`` columns are left-aligned, the
+    rest (numbers) right-aligned. A dashed rule separates the header."""
+    widths = _widths(headers, rows)
+
+    def line(cells: Sequence[str]) -> str:
+        padded = [
+            cell.ljust(w) if i < right else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(cells, widths, strict=True))
+        ]
+        return "  ".join(padded).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(headers), rule, *(line(r) for r in rows)])
+
+
+def _markdown_table(
+    headers: Sequence[str], rows: Sequence[Sequence[str]], *, right: int = 1
+) -> str:
+    """A markdown table; columns from index ``right`` on are right-aligned."""
+    widths = _widths(headers, rows)
+    align = [
+        "-" * max(w, 3) if i < right else "-" * (max(w, 3) - 1) + ":" for i, w in enumerate(widths)
+    ]
+
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+    return "\n".join([line(headers), line(align), *(line(r) for r in rows)])
+
+
+def _widths(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[int]:
+    for row in rows:
+        if len(row) != len(headers):
+            raise ValueError(f"row {list(row)} has {len(row)} cells, expected {len(headers)}")
+    return [max(len(str(c)) for c in column) for column in zip(headers, *rows, strict=True)]

@@ -1,0 +1,304 @@
+"""Tuning jobs: MetaSchedule refines the hand-written schedules, per target, into a database.
+
+For each distinct kernel of the compiled model:
+1. the hand-written schedule (cpu_rules) is built, measured and committed as the first record,
+   so the database's best is never worse than the untuned compile;
+2. MetaSchedule searches: the dense kernels in their own template's space (the same template,
+   with its knobs sampled), every other kernel in MetaSchedule's default space for the target.
+The trial budget is for the whole model; re-running continues from the records already in the
+database (trials already spent count against the budget), so an interrupted job resumes.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vitsparse._tvm import IRModule, ms, relax, structural_hash, tir, tvm
+from vitsparse.errors import TargetError
+from vitsparse.frontend import import_model
+from vitsparse.passes import pipeline
+from vitsparse.schedules import cpu_rules, dense
+from vitsparse.schedules.database import open_target_database, target_dir
+from vitsparse.targets import resolve_target
+
+DEFAULT_TRIALS_PER_KERNEL = 12
+TRIALS_PER_ROUND = 8
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One distinct kernel of the model and how often the model calls it."""
+
+    name: str
+    func: tir.PrimFunc
+    calls: int
+
+    @property
+    def is_dense(self) -> bool:
+        return dense.is_dense_kernel(self.func)
+
+    def workload(self) -> IRModule:
+        return IRModule({"main": self.func.with_attr("global_symbol", "main")})
+
+
+@dataclass
+class KernelResult:
+    name: str
+    calls: int
+    trials_before: int
+    trials_after: int
+    hand_ms: float | None
+    best_ms: float | None
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class TuneReport:
+    model: str
+    target_key: str
+    db_dir: str
+    budget: int
+    seconds: float
+    kernels: list[KernelResult] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {
+            "model": self.model,
+            "target_key": self.target_key,
+            "db_dir": self.db_dir,
+            "budget_trials": self.budget,
+            "seconds": self.seconds,
+            "kernels": [k.to_json() for k in self.kernels],
+        }
+
+    def summary(self) -> str:
+        lines = [
+            f"tuned {self.model} for {self.target_key} in {self.seconds:.0f} s "
+            f"(budget {self.budget} trials) -> {self.db_dir}",
+            f"{'kernel':48} {'calls':>5} {'trials':>7} {'hand ms':>9} {'best ms':>9}",
+        ]
+        for k in self.kernels:
+            hand = f"{k.hand_ms:.4f}" if k.hand_ms is not None else "-"
+            best = f"{k.best_ms:.4f}" if k.best_ms is not None else "-"
+            lines.append(f"{k.name[:48]:48} {k.calls:>5} {k.trials_after:>7} {hand:>9} {best:>9}")
+        return "\n".join(lines)
+
+
+def extract_kernels(mod: IRModule) -> list[Kernel]:
+    """Distinct PrimFuncs called by ``mod``'s main (structurally deduplicated), with call counts."""
+    calls: dict[str, int] = {}
+
+    def visit(node):
+        if isinstance(node, relax.Call) and isinstance(node.op, tvm.ir.Op):
+            if node.op.name == "relax.call_tir":
+                name = node.args[0].name_hint
+                calls[name] = calls.get(name, 0) + 1
+
+    relax.analysis.post_order_visit(mod["main"].body, visit)
+    by_hash: dict[int, Kernel] = {}
+    for gvar, func in mod.functions.items():
+        if not isinstance(func, tir.PrimFunc) or gvar.name_hint not in calls:
+            continue
+        key = structural_hash(func.without_attr("global_symbol"))
+        count = calls[gvar.name_hint]
+        if key in by_hash:
+            old = by_hash[key]
+            by_hash[key] = Kernel(old.name, old.func, old.calls + count)
+        else:
+            by_hash[key] = Kernel(gvar.name_hint, func, count)
+    return sorted(by_hash.values(), key=lambda k: k.name)
+
+
+def _space(kernel: Kernel):
+    if kernel.is_dense:
+        return ms.space_generator.ScheduleFn(
+            lambda sch: dense.schedule_dense_cpu(sch, None),
+            sch_rules=[],
+            postprocs=[],
+            mutator_probs={ms.mutator.MutateTileSize(): 1.0},
+        )
+    return "post-order-apply"
+
+
+def _hand_schedule(kernel: Kernel, target):
+    func = kernel.workload()["main"]
+    for rule in cpu_rules.default_rules():
+        sch = rule.apply(func, target, False)
+        if sch is not None:
+            return sch
+    return None
+
+
+def _measure(schedules, target, builder, runner) -> list[list[float] | None]:
+    inputs = [ms.builder.BuilderInput(s.mod, target) for s in schedules]
+    built = builder.build(inputs)
+    runner_inputs, index = [], []
+    for i, (res, sch) in enumerate(zip(built, schedules, strict=True)):
+        if res.error_msg:
+            continue
+        args = ms.arg_info.ArgInfo.from_prim_func(sch.mod["main"])
+        runner_inputs.append(ms.runner.RunnerInput(res.artifact_path, "cpu", args))
+        index.append(i)
+    out: list[list[float] | None] = [None] * len(schedules)
+    for i, future in zip(index, runner.run(runner_inputs), strict=True):
+        result = future.result()
+        if not result.error_msg:
+            out[i] = [float(v) for v in result.run_secs]
+    return out
+
+
+def _records(database, workload_mod) -> list:
+    if not database.has_workload(workload_mod):
+        return []
+    workload = database.commit_workload(workload_mod)
+    return list(database.get_top_k(workload, 1 << 20))
+
+
+def _best_ms(records) -> float | None:
+    times = [sum(float(v) for v in r.run_secs) / len(r.run_secs) for r in records if r.run_secs]
+    return min(times) * 1e3 if times else None
+
+
+def tune(
+    source,
+    *,
+    target="x86",
+    db: str | Path,
+    trials: int | None = None,
+    batch: int = 1,
+    checkpoint: str | Path | None = None,
+    pretrained: bool = False,
+    cuda_arch: str | None = None,
+    progress: Callable[[str], None] | None = print,
+) -> TuneReport:
+    """Tune every kernel of ``source`` compiled for ``target`` into the database under ``db``.
+
+    ``trials`` is the total MetaSchedule trial budget for the model (default: 12 per distinct
+    kernel); trials already in the database count against it, so re-running resumes.
+    """
+    say = progress or (lambda _msg: None)
+    spec = resolve_target(target, cuda_arch=cuda_arch)
+    if spec.schedule_family != "cpu" or not spec.runs_locally:
+        raise TargetError(
+            f"tuning for {spec.key} needs a device that runs it; this machine cannot "
+            "(tuning over RPC on a device farm is not built yet)"
+        )
+    start = time.time()
+    say(f"[tune] importing {source if isinstance(source, str | Path) else type(source).__name__}")
+    imported = import_model(source, batch=batch, checkpoint=checkpoint, pretrained=pretrained)
+    config = pipeline.PipelineConfig(target=spec.target, schedule_family="cpu")
+    mod = pipeline.optimize(
+        pipeline.bind_params(imported.mod, imported.params), config, stop_before="schedule"
+    )
+    kernels = extract_kernels(mod)
+    budget = trials if trials is not None else DEFAULT_TRIALS_PER_KERNEL * len(kernels)
+    database = open_target_database(db, spec, create=True)
+    directory = target_dir(db, spec)
+    report = TuneReport(imported.model_id, spec.key, str(directory), budget, 0.0)
+
+    builder = ms.builder.LocalBuilder(timeout_sec=120.0)
+    runner = ms.runner.LocalRunner(
+        timeout_sec=120.0,
+        evaluator_config=ms.runner.EvaluatorConfig(number=5, repeat=3, min_repeat_ms=20),
+    )
+    before = {k.name: len(_records(database, k.workload())) for k in kernels}
+
+    # 1. The hand-written schedules, measured and committed once per kernel.
+    seeds = [k for k in kernels if before[k.name] == 0]
+    if seeds:
+        say(f"[tune] measuring the hand-written schedules of {len(seeds)} kernels")
+        schedules = [_hand_schedule(k, spec.target) for k in seeds]
+        pairs = [(k, s) for k, s in zip(seeds, schedules, strict=True) if s is not None]
+        measured = _measure([s for _, s in pairs], spec.target, builder, runner)
+        for (kernel, sch), secs in zip(pairs, measured, strict=True):
+            if secs is None:
+                say(f"[tune]   {kernel.name}: hand schedule failed to build/run; skipped")
+                continue
+            workload = database.commit_workload(kernel.workload())
+            database.commit_tuning_record(
+                ms.database.TuningRecord(
+                    sch.trace,
+                    workload,
+                    secs,
+                    spec.target,
+                    ms.arg_info.ArgInfo.from_prim_func(kernel.workload()["main"]),
+                )
+            )
+    hand = {k.name: _best_ms(_records(database, k.workload())) for k in kernels}
+
+    # 2. MetaSchedule search for what is left of the budget.
+    spent = sum(max(n - 1, 0) for n in before.values())
+    remaining = budget - spent
+    if remaining <= 0:
+        say(f"[tune] budget of {budget} trials already spent in {directory}; nothing to do")
+    else:
+        say(
+            f"[tune] searching: {remaining} trials over {len(kernels)} kernels "
+            f"({spent} already in the database)"
+        )
+        contexts = [
+            ms.TuneContext(
+                mod=k.workload(),
+                target=spec.target,
+                space_generator=_space(k),
+                search_strategy="evolutionary",
+                task_name=k.name,
+                num_threads="physical",
+                logger=_progress_logger(say),
+            )
+            for k in kernels
+        ]
+        with tempfile.TemporaryDirectory(prefix="vitsparse-tune-") as work_dir:
+            ms.tune_tasks(
+                tasks=contexts,
+                task_weights=[float(k.calls) for k in kernels],
+                work_dir=work_dir,
+                max_trials_global=remaining,
+                max_trials_per_task=max(remaining // len(kernels) * 2, TRIALS_PER_ROUND),
+                num_trials_per_iter=TRIALS_PER_ROUND,
+                builder=builder,
+                runner=runner,
+                database=database,
+                cost_model="xgb",
+                measure_callbacks="default",
+                task_scheduler="gradient",
+            )
+    for k in kernels:
+        records = _records(database, k.workload())
+        report.kernels.append(
+            KernelResult(
+                k.name, k.calls, before[k.name], len(records), hand[k.name], _best_ms(records)
+            )
+        )
+    report.seconds = time.time() - start
+    say(report.summary())
+    return report
+
+
+def _progress_logger(say: Callable[[str], None]) -> logging.Logger:
+    logger = logging.getLogger("vitsparse.tune")
+    logger.setLevel(logging.INFO)
+    if not any(isinstance(h, _SayHandler) for h in logger.handlers):
+        logger.addHandler(_SayHandler(say))
+    logger.propagate = False
+    return logger
+
+
+class _SayHandler(logging.Handler):
+    """Forwards MetaSchedule's per-task progress lines (trial counts, best latency)."""
+
+    def __init__(self, say):
+        super().__init__(logging.INFO)
+        self.say = say
+
+    def emit(self, record):
+        msg = record.getMessage()
+        if "Total trials" in msg or "Best" in msg or "Sending" in msg:
+            self.say("[tune] " + msg.splitlines()[0][:160])
