@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from vitsparse._tvm import relax, struct_shape, tvm
+from vitsparse.schedules import dense
 
 Constant = tvm.ir.expr.Constant
-from vitsparse.schedules import dense
 
 _OP = tvm.ir.Op.get
 
@@ -80,7 +80,10 @@ class _LowerLinearMutator(relax.PyExprMutator):
             weight = self._match_weight(mm.args[1])
             if weight is None or bias.shape != (weight.shape[0],):
                 continue
-            if str(mm.attrs.out_dtype) not in ("", "void", "float32") or weight.dtype != np.float32:
+            if (
+                str(mm.attrs.out_dtype) not in ("", "void", "None", "float32")
+                or weight.dtype != np.float32
+            ):
                 continue
             x_shape = struct_shape(mm.args[0])
             if len(x_shape) < 2 or x_shape[-1] != weight.shape[1]:

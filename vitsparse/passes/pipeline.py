@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 
 from vitsparse._tvm import IRModule, dlight, relax, tir, topi, tvm
-
-TUNED_ATTR = "vitsparse.tuned"
 from vitsparse.passes.lower_linear import LowerLinear
 from vitsparse.passes.patch_embed_to_dense import PatchEmbedToDense
+
+TUNED_ATTR = "vitsparse.tuned"
 
 
 def _legalize_gelu_fast(bb, call):

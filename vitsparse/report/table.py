@@ -11,6 +11,7 @@ TORCH_EAGER = "torch-eager"
 ONNXRUNTIME = "onnxruntime"
 TVM_DENSE = "tvm-dense"
 STATUS_OK = "ok"
+_ALIGN = "llrrrrrrl"  # runtime, device, 6 numbers, status
 
 
 @dataclass(frozen=True)
@@ -152,7 +153,7 @@ class BenchReport:
     def table(self) -> str:
         """Fixed-width text for the terminal: a title, the rows, the speedups."""
         headers, cells = self._cells()
-        lines = [self.title(), "", _text_table(headers, cells, right=2), ""]
+        lines = [self.title(), "", _text_table(headers, cells, _ALIGN), ""]
         lines += self._notes()
         return "\n".join(lines)
 
@@ -163,7 +164,7 @@ class BenchReport:
         lines = [
             f"### {self.model}, batch {self.batch}",
             "",
-            _markdown_table(headers, cells, right=2),
+            _markdown_table(headers, cells, _ALIGN),
             "",
             *(f"- {note}" for note in self._notes()),
             f"- host: {host.get('cpu_model')} ({host.get('llvm_cpu')}, {host.get('simd')}), "
@@ -184,7 +185,7 @@ class BenchReport:
             "max ms",
             "runs",
             f"max|err| vs {self.reference}",
-            f"vs {self.reference}",
+            f"speedup vs {self.reference}",
             "status",
         ]
         cells = []
@@ -225,15 +226,15 @@ class BenchReport:
         return [r.runtime for r in self.rows]
 
 
-def _text_table(headers: Sequence[str], rows: Sequence[Sequence[str]], *, right: int = 1) -> str:
-    """Columns padded to their widest cell; the first ``right`` columns are left-aligned, the
-    rest (numbers) right-aligned. A dashed rule separates the header."""
-    widths = _widths(headers, rows)
+def _text_table(headers: Sequence[str], rows: Sequence[Sequence[str]], align: str) -> str:
+    """Columns padded to their widest cell, ``align[i]`` 'l' or 'r' per column; a dashed rule
+    under the header."""
+    widths = _widths(headers, rows, align)
 
     def line(cells: Sequence[str]) -> str:
         padded = [
-            cell.ljust(w) if i < right else cell.rjust(w)
-            for i, (cell, w) in enumerate(zip(cells, widths, strict=True))
+            cell.ljust(w) if a == "l" else cell.rjust(w)
+            for cell, w, a in zip(cells, widths, align, strict=True)
         ]
         return "  ".join(padded).rstrip()
 
@@ -241,23 +242,22 @@ def _text_table(headers: Sequence[str], rows: Sequence[Sequence[str]], *, right:
     return "\n".join([line(headers), rule, *(line(r) for r in rows)])
 
 
-def _markdown_table(
-    headers: Sequence[str], rows: Sequence[Sequence[str]], *, right: int = 1
-) -> str:
-    """A markdown table; columns from index ``right`` on are right-aligned."""
-    widths = _widths(headers, rows)
-    align = [
-        "-" * max(w, 3) if i < right else "-" * (max(w, 3) - 1) + ":" for i, w in enumerate(widths)
+def _markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]], align: str) -> str:
+    """A markdown table, ``align[i]`` 'l' or 'r' per column."""
+    widths = _widths(headers, rows, align)
+    rule = [
+        "-" * max(w, 3) if a == "l" else "-" * (max(w, 3) - 1) + ":"
+        for w, a in zip(widths, align, strict=True)
     ]
 
     def line(cells: Sequence[str]) -> str:
         return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
 
-    return "\n".join([line(headers), line(align), *(line(r) for r in rows)])
+    return "\n".join([line(headers), line(rule), *(line(r) for r in rows)])
 
 
-def _widths(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[int]:
-    for row in rows:
-        if len(row) != len(headers):
-            raise ValueError(f"row {list(row)} has {len(row)} cells, expected {len(headers)}")
+def _widths(headers: Sequence[str], rows: Sequence[Sequence[str]], align: str) -> list[int]:
+    for row in (headers, *rows):
+        if len(row) != len(align):
+            raise ValueError(f"row {list(row)} has {len(row)} cells, expected {len(align)}")
     return [max(len(str(c)) for c in column) for column in zip(headers, *rows, strict=True)]

@@ -33,7 +33,7 @@ class DenseKernelRule(dlight.ScheduleRule):
 
 
 def _matmul_block(sch: Schedule):
-    """The one reduction block of a matmul-shaped func: C[b.., i, j] += A[b.., i, k] * B[b.., k, j]."""
+    """The one reduction block of a matmul: C[b.., i, j] += A[b.., i, k] * B[b.., k, j]."""
     blocks = sch.get_child_blocks(sch.get_sblock("root"))
     reductions = []
     for block in blocks:
@@ -212,8 +212,6 @@ class RowReductionRule(dlight.ScheduleRule):
         except Exception:  # noqa: BLE001  (stages do not share the row loops)
             return None
         sch.parallel(row)
-        for block in sch.get_child_blocks(root):
-            pass
         for block in _all_blocks(sch):
             stmt = sch.get(block)
             inner = sch.get_loops(block)[-1]
@@ -239,12 +237,10 @@ class ParallelVectorizeRule(dlight.ScheduleRule):
             return None
         sch = Schedule(func)
         root = sch.get_sblock("root")
-        blocks = sch.get_child_blocks(root)
         dlight.try_inline_contiguous_spatial(sch, dlight.analysis.normalize_prim_func(sch) or [])
         for block in sch.get_child_blocks(root):
             if sch.get_loops(block):
                 _parallel_vectorize(sch, block)
-        del blocks
         return sch
 
 

@@ -1,0 +1,128 @@
+"""Dense baseline on this x86 machine: PyTorch eager, ONNX Runtime and TVM (no pruning).
+
+Runs :func:`vitsparse.report.bench` for each model and batch size and writes
+``docs/results/dense_x86.json`` (every report) and ``docs/results/dense_x86.md`` (a summary
+table, then one table per model and batch, with the host, thread count, date and the command
+line that produced them). Both files are written only after every run succeeded.
+
+    python benchmarks/dense.py                      # deit_tiny + deit_small, batch 1 and 8
+    python benchmarks/dense.py --models deit_tiny_patch16_224 --batches 1 --repeat 5
+    python benchmarks/dense.py --db tuning_db       # with tuned kernels from `vitsparse tune`
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from vitsparse.report import BenchReport, bench, host_info, write_text_atomic
+
+REPO = Path(__file__).resolve().parents[1]
+MODELS = ("deit_tiny_patch16_224", "deit_small_patch16_224")
+BATCHES = (1, 8)
+TARGET = "x86"
+STEM = "dense_x86"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    command = _command_line(sys.argv[1:] if argv is None else argv)
+    threads = args.threads or os.cpu_count() or 1
+    reports: list[BenchReport] = []
+    for model in args.models:
+        for batch in args.batches:
+            report = bench(
+                model,
+                target=TARGET,
+                batch=batch,
+                threads=threads,
+                repeat=args.repeat,
+                number=args.number,
+                db=args.db,
+                progress=lambda line: print(line, file=sys.stderr, flush=True),
+            )
+            print(report.table() + "\n", flush=True)
+            reports.append(report)
+    host = host_info()
+    date = time.strftime("%Y-%m-%d %H:%M:%S %z")
+    suite = {
+        "format": "vitsparse-bench-suite/1",
+        "command": command,
+        "date": date,
+        "threads": threads,
+        "host": host,
+        "reports": [r.to_json() for r in reports],
+    }
+    outdir = Path(args.outdir)
+    write_text_atomic(outdir / f"{STEM}.json", json.dumps(suite, indent=2) + "\n")
+    write_text_atomic(outdir / f"{STEM}.md", _markdown(reports, command, date, threads, host))
+    print(f"wrote {outdir / STEM}.json and .md", file=sys.stderr)
+    return 0
+
+
+def _markdown(reports: list[BenchReport], command: str, date: str, threads: int, host) -> str:
+    lines = [
+        "# Dense baseline on x86: PyTorch eager vs ONNX Runtime vs TVM",
+        "",
+        f"- host: {host['cpu_model']} (LLVM `{host['llvm_cpu']}`, {host['simd']}), "
+        f"{host['physical_cores']} physical cores, {host['logical_cpus']} logical CPUs",
+        f"- threads per runtime: {threads}",
+        f"- date: {date}",
+        "- latency: median of `repeat` samples, each the mean of `number` runs, after warm-up;"
+        " random weights, one seeded random input per model and batch",
+        "- reproduce with:",
+        "",
+        "```",
+        command,
+        "```",
+        "",
+        "| model | batch | torch-eager ms | onnxruntime ms | tvm-dense ms | tvm / torch |",
+        "| ----- | ----: | -------------: | -------------: | -----------: | ----------: |",
+    ]
+    for r in reports:
+        ms = {row.runtime: row.median_ms for row in r.rows}
+        torch_ms, tvm_ms = ms.get("torch-eager"), ms.get("tvm-dense")
+        ratio = f"{tvm_ms / torch_ms:.2f}" if torch_ms and tvm_ms else "-"
+        cells = [_ms(ms.get(name)) for name in ("torch-eager", "onnxruntime", "tvm-dense")]
+        lines.append(f"| {r.model} | {r.batch} | {' | '.join(cells)} | {ratio} |")
+    lines += [
+        "",
+        "`tvm / torch` is TVM's median latency over PyTorch's (below 1: TVM is faster).",
+        "",
+        "",
+    ]
+    return "\n".join(lines) + "\n".join(r.to_markdown() for r in reports)
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _command_line(argv: list[str]) -> str:
+    script = Path(__file__).resolve()
+    try:
+        shown = script.relative_to(Path.cwd())
+    except ValueError:
+        shown = script
+    return shlex.join(["python", str(shown), *argv])
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=list(MODELS), metavar="NAME")
+    p.add_argument("--batches", nargs="+", type=int, default=list(BATCHES), metavar="B")
+    p.add_argument("--repeat", type=int, default=10, help="timing samples (default 10)")
+    p.add_argument("--number", type=int, default=5, help="runs per sample (default 5)")
+    p.add_argument("--threads", type=int, help="default: os.cpu_count()")
+    p.add_argument("--db", metavar="DIR", help="tuning database root (`vitsparse tune`)")
+    p.add_argument("--outdir", default=str(REPO / "docs" / "results"), metavar="DIR")
+    return p
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,269 @@
+"""The vitsparse command line: real compiles and benches, and clean failures on bad input."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+from vitsparse.cli import main
+from vitsparse.frontend.testing import tiny_vit
+from vitsparse.targets import resolve_target
+
+DEIT = "deit_tiny_patch16_224"
+ARTIFACT_FILES = {"model.so", "params.npz", "manifest.json"}
+
+
+def _run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "vitsparse.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _main(capsys, *args: str) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("onnx") / "tiny_vit.onnx"
+    torch.onnx.export(
+        tiny_vit(depth=2), (torch.zeros(1, 3, 32, 32),), str(path), dynamo=True, verbose=False
+    )
+    return path
+
+
+# --- compile -------------------------------------------------------------------------------
+
+
+def test_compile_writes_artifact(capsys, tmp_path, tiny_onnx):
+    out = tmp_path / "artifact"
+    code, stdout, stderr = _main(capsys, "compile", tiny_onnx, "--target", "x86", "-o", out)
+    assert code == 0, stderr
+    assert {p.name for p in out.iterdir()} == ARTIFACT_FILES
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model"] == "tiny_vit"
+    assert manifest["input_shape"] == [1, 3, 32, 32]
+    assert manifest["target"]["name"] == "x86"
+    assert {"tvm", "torch", "vitsparse"} <= set(manifest["versions"])
+    key = resolve_target("x86").key
+    assert f"target    x86 -> {key}" in stdout
+    assert "tiny_vit: 2 blocks, embed 64, 4 heads" in stdout
+    assert f"artifact  {out}" in stdout and "model.so" in stdout
+    # a second compile replaces the artifact in place
+    assert _main(capsys, "compile", tiny_onnx, "-o", out)[0] == 0
+    assert {p.name for p in out.iterdir()} == ARTIFACT_FILES
+    assert {p.name for p in tmp_path.iterdir()} == {"artifact"}
+
+
+def test_compile_timm_name_with_checkpoint(capsys, tmp_path):
+    checkpoint = tmp_path / "deit.pt"
+    model = timm.create_model(DEIT)
+    torch.save({"model": model.state_dict()}, checkpoint)
+    out = tmp_path / "deit"
+    code, stdout, stderr = _main(capsys, "compile", DEIT, "--checkpoint", checkpoint, "-o", out)
+    assert code == 0, stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model"] == DEIT and manifest["input_shape"] == [1, 3, 224, 224]
+    assert f"{DEIT}: 12 blocks, embed 192, 3 heads" in stdout
+
+
+def test_compile_dump_ir(capsys, tmp_path, tiny_onnx):
+    dump = tmp_path / "ir"
+    code, _, stderr = _main(capsys, "compile", tiny_onnx, "--dump-ir", dump, "-o", tmp_path / "a")
+    assert code == 0, stderr
+    assert any(dump.iterdir())
+
+
+@pytest.mark.skipif(
+    shutil.which("aarch64-linux-gnu-g++") is None or shutil.which("file") is None,
+    reason="needs aarch64-linux-gnu-g++ (apt g++-aarch64-linux-gnu) and file",
+)
+def test_compile_for_arm(capsys, tmp_path, tiny_onnx):
+    out = tmp_path / "arm"
+    code, stdout, stderr = _main(capsys, "compile", tiny_onnx, "--target", "arm", "-o", out)
+    assert code == 0, stderr
+    kind = subprocess.run(["file", out / "model.so"], capture_output=True, text=True).stdout
+    assert "aarch64" in kind
+    assert "this machine cannot run the artifact" in stdout
+    assert json.loads((out / "manifest.json").read_text())["target"]["key"] == "arm-aarch64-neon"
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (CUDA toolkit)")
+def test_compile_for_cuda(capsys, tmp_path, tiny_onnx):
+    out = tmp_path / "cuda"
+    args = ("compile", tiny_onnx, "--target", "cuda", "--cuda-arch", "sm_80", "-o", out)
+    code, stdout, stderr = _main(capsys, *args)
+    assert code == 0, stderr
+    assert {p.name for p in out.iterdir()} == ARTIFACT_FILES
+    assert (out / "model.so").stat().st_size > 0
+    assert "cuda -> cuda-sm_80" in stdout
+
+
+# --- bench, demo, targets ------------------------------------------------------------------
+
+
+def test_bench_writes_json_and_markdown(tmp_path):
+    report_json, report_md = tmp_path / "out" / "bench.json", tmp_path / "bench.md"
+    args = ("bench", DEIT, "--repeat", "2", "--number", "1", "--threads", "2")
+    proc = _run_cli(*args, "--json", str(report_json), "--markdown", str(report_md))
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(report_json.read_text())
+    assert [r["runtime"] for r in data["rows"]] == ["torch-eager", "onnxruntime", "tvm-dense"]
+    assert all(r["status"] == "ok" and r["repeats"] == 2 for r in data["rows"])
+    assert all(r["max_abs_err_vs_torch"] < 1e-3 for r in data["rows"])
+    assert data["model"] == DEIT and data["input_shape"] == [1, 3, 224, 224]
+    assert data["threads"] == 2
+    assert "tvm-dense vs torch-eager" in data["speedup"]
+    for runtime in ("torch-eager", "onnxruntime", "tvm-dense"):
+        assert runtime in proc.stdout and f"| {runtime} |" in report_md.read_text()
+    assert "[bench] compiling deit_tiny_patch16_224 for x86" in proc.stderr
+    assert sorted(p.name for p in report_json.parent.iterdir()) == ["bench.json"]
+
+
+def test_demo_prints_the_comparison(capsys):
+    code, stdout, stderr = _main(capsys, "demo", "--repeat", "1", "--number", "1")
+    assert code == 0, stderr
+    assert stdout.startswith(f"{DEIT} (random weights), batch 1")
+    for runtime in ("torch-eager", "onnxruntime", "tvm-dense"):
+        assert runtime in stdout
+    assert "tvm-dense vs torch-eager" in stdout
+
+
+def test_targets_lists_every_preset(capsys):
+    code, stdout, _ = _main(capsys, "targets")
+    assert code == 0
+    for name in ("x86", "arm", "cuda"):
+        assert f"{name}: " in stdout
+    assert resolve_target("x86").key in stdout and "arm-aarch64-neon" in stdout
+    assert '"mtriple": "aarch64-linux-gnu"' in stdout
+
+
+# --- bad input -----------------------------------------------------------------------------
+
+
+def _corrupt_database(root: Path) -> Path:
+    directory = root / resolve_target("x86").key
+    directory.mkdir(parents=True)
+    (directory / "database_workload.json").write_text("{ this is not json\n")
+    (directory / "database_tuning_record.json").write_text("garbage\n")
+    return root
+
+
+def _has_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+BAD_COMPILES = {
+    "unknown model": (lambda tmp, onnx: ["deit_tinyy"], "unknown timm model 'deit_tinyy'"),
+    "not a ViT": (lambda tmp, onnx: ["resnet18"], "resnet18"),
+    "bad target": (lambda tmp, onnx: [onnx, "--target", "x87"], "unknown target preset 'x87'"),
+    "missing checkpoint": (
+        lambda tmp, onnx: [DEIT, "--checkpoint", tmp / "missing.pt"],
+        "missing.pt",
+    ),
+    "missing onnx": (lambda tmp, onnx: [tmp / "missing.onnx"], "missing.onnx"),
+    "not an onnx file": (
+        lambda tmp, onnx: [Path(__file__)],
+        "only .onnx files can be given as MODEL",
+    ),
+    "corrupt database": (
+        lambda tmp, onnx: [onnx, "--db", _corrupt_database(tmp / "db")],
+        "database",
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        pytest.param(
+            name,
+            marks=pytest.mark.xfail(
+                not _has_module("vitsparse.schedules.database"),
+                reason="the tuning database module is not written yet",
+                strict=False,
+            )
+            if name == "corrupt database"
+            else (),
+        )
+        for name in BAD_COMPILES
+    ],
+)
+def test_bad_input_exits_with_a_message_and_writes_nothing(capsys, tmp_path, tiny_onnx, case):
+    make_args, expected = BAD_COMPILES[case]
+    out = tmp_path / "out"
+    code, stdout, stderr = _main(capsys, "compile", *make_args(tmp_path, tiny_onnx), "-o", out)
+    assert code == 2
+    error = stderr.strip().splitlines()[-1]
+    assert error.startswith("vitsparse: error: ")
+    assert expected.lower() in error.lower()
+    assert "Traceback" not in stderr
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_bad_input_through_the_console_script(tmp_path):
+    out = tmp_path / "out"
+    proc = _run_cli("compile", "deit_tinyy", "-o", str(out))
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines[0] == "[compile] compiling deit_tinyy for x86 ..."
+    assert lines[1].startswith("vitsparse: error: unknown timm model 'deit_tinyy'; did you mean")
+    assert "deit_tiny_patch16_224" in lines[1] and len(lines) == 2
+    assert not out.exists()
+
+
+def test_bench_bad_target_writes_no_json(capsys, tmp_path):
+    report = tmp_path / "r.json"
+    code, _, stderr = _main(capsys, "bench", DEIT, "--target", "x87", "--json", report)
+    assert code == 2 and "unknown target preset 'x87'" in stderr
+    assert not report.exists()
+
+
+def test_tune_bad_target(capsys, tmp_path):
+    code, _, stderr = _main(capsys, "tune", DEIT, "--target", "x87", "--db", tmp_path / "db")
+    assert code == 2 and "x87" in stderr
+    assert not (tmp_path / "db").exists()
+
+
+def test_compile_refuses_to_replace_a_foreign_directory(capsys, tmp_path, tiny_onnx):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    code, _, stderr = _main(capsys, "compile", tiny_onnx, "-o", out)
+    assert code == 2 and "refusing to replace it" in stderr
+    assert (out / "notes.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["compile", DEIT],  # no -o
+        ["bench", DEIT, "--batch", "0"],
+        ["bench", DEIT, "--runtimes", "torch-eager,tvm-sparse"],
+        ["bench", DEIT, "--json", "."],
+        ["frobnicate"],
+        [],
+    ],
+)
+def test_argument_errors_exit_2(capsys, argv):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert "usage: vitsparse" in capsys.readouterr().err

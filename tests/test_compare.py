@@ -1,0 +1,140 @@
+"""bench(): PyTorch eager, ONNX Runtime and TVM on a tiny ViT, and the report's JSON/markdown."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from vitsparse.frontend.testing import tiny_vit
+from vitsparse.report import DEFAULT_RUNTIMES, BenchReport, bench, write_text_atomic
+
+TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def tiny_report():
+    lines: list[str] = []
+    report = bench(tiny_vit(depth=2), threads=2, repeat=3, number=2, progress=lines.append)
+    return report, lines
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tmp_path_factory):
+    path = tmp_path_factory.mktemp("onnx") / "tiny_vit.onnx"
+    torch.onnx.export(
+        tiny_vit(depth=2), (torch.zeros(1, 3, 32, 32),), str(path), dynamo=True, verbose=False
+    )
+    return path
+
+
+def test_every_runtime_runs_and_agrees(tiny_report):
+    report, _ = tiny_report
+    assert [r.runtime for r in report.rows] == list(DEFAULT_RUNTIMES)
+    assert report.reference == "torch-eager"
+    assert report.input_shape == (1, 3, 32, 32) and report.batch == 1 and report.threads == 2
+    for row in report.rows:
+        assert row.status == "ok", row
+        assert row.device == "cpu"
+        assert row.repeats == 3
+        lat = row.latency_ms
+        assert 0 < lat["min"] <= lat["median"] <= lat["max"]
+        assert row.max_abs_err_vs_torch < TOLERANCE
+    assert report.row("torch-eager").max_abs_err_vs_torch == 0.0
+    assert report.target["name"] == "x86" and report.target["runs_locally"] is True
+
+
+def test_speedup_is_torch_median_over_tvm_median(tiny_report):
+    report, _ = tiny_report
+    torch_ms = report.row("torch-eager").median_ms
+    tvm_ms = report.row("tvm-dense").median_ms
+    assert report.speedup["tvm-dense vs torch-eager"] == pytest.approx(torch_ms / tvm_ms)
+    assert set(report.speedup) == {"tvm-dense vs torch-eager", "tvm-dense vs onnxruntime"}
+
+
+def test_progress_lines(tiny_report):
+    _, lines = tiny_report
+    assert all(line.startswith("[bench] ") for line in lines)
+    assert any("compiling VisionTransformer for x86" in line for line in lines)
+    assert any("exporting" in line and "ONNX" in line for line in lines)
+
+
+def test_report_records_setup(tiny_report):
+    report, _ = tiny_report
+    for package in ("tvm", "torch", "onnxruntime", "vitsparse", "python"):
+        assert report.versions[package]
+    assert report.host["logical_cpus"] >= 1 and report.host["llvm_cpu"]
+    assert report.date[:2] == "20"
+    assert "dynamo" in report.row("onnxruntime").detail
+
+
+def test_json_round_trip(tiny_report):
+    report, _ = tiny_report
+    data = json.loads(json.dumps(report.to_json()))
+    assert data["rows"][2]["runtime"] == "tvm-dense"
+    assert set(data["rows"][0]) >= {
+        "runtime",
+        "latency_ms",
+        "repeats",
+        "max_abs_err_vs_torch",
+        "status",
+    }
+    assert set(data["rows"][0]["latency_ms"]) == {"median", "min", "max"}
+    again = BenchReport.from_json(data)
+    assert again == report
+    assert again.to_json() == report.to_json()
+
+
+def test_markdown_and_text_tables(tiny_report):
+    report, _ = tiny_report
+    markdown = report.to_markdown()
+    table_lines = [line for line in markdown.splitlines() if line.startswith("|")]
+    assert len(table_lines) == 2 + len(report.rows)  # header, rule, rows
+    for row in report.rows:
+        assert any(line.startswith(f"| {row.runtime} |") for line in table_lines)
+        assert f"{row.latency_ms['median']:.2f}" in markdown
+    assert "tvm-dense vs torch-eager" in markdown
+    text = report.table()
+    for row in report.rows:
+        assert row.runtime in text
+    widths = {len(line) for line in text.splitlines()[2:4]}  # header and rule line up
+    assert len(widths) == 1
+
+
+def test_onnx_source_uses_onnxruntime_as_reference(tiny_onnx):
+    report = bench(tiny_onnx, threads=2, repeat=2, number=1, progress=None)
+    assert report.model == "tiny_vit" and report.reference == "onnxruntime"
+    torch_row = report.row("torch-eager")
+    assert torch_row.status.startswith("not run:") and torch_row.latency_ms is None
+    assert report.row("onnxruntime").max_abs_err_vs_torch == 0.0
+    assert report.row("tvm-dense").max_abs_err_vs_torch < TOLERANCE
+    assert "the source ONNX file" in report.row("onnxruntime").detail
+    assert set(report.speedup) == {"tvm-dense vs onnxruntime"}
+    assert "measured against onnxruntime" in report.table()
+    assert BenchReport.from_json(json.loads(json.dumps(report.to_json()))) == report
+
+
+def test_target_that_cannot_run_here_is_reported_not_run():
+    report = bench(tiny_vit(depth=1), target="arm", include=("tvm-dense",), progress=None)
+    (row,) = report.rows
+    assert row.status.startswith("not run: target arm-aarch64-neon")
+    assert row.latency_ms is None and row.max_abs_err_vs_torch is None
+    assert report.speedup == {}
+    assert "not run" in report.table() and "not run" in report.to_markdown()
+
+
+def test_unknown_runtime_lists_the_known_ones():
+    with pytest.raises(ValueError, match="known runtimes are.*torch-eager.*tvm-dense"):
+        bench("deit_tiny_patch16_224", include=("torch-eager", "tvm-sparse"))
+
+
+def test_write_text_atomic_leaves_no_temporaries(tmp_path):
+    path = tmp_path / "sub" / "report.json"
+    write_text_atomic(path, "one\n")
+    write_text_atomic(path, "two\n")
+    assert path.read_text() == "two\n"
+    assert [p.name for p in path.parent.iterdir()] == ["report.json"]
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    assert path.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777  # umask, not 0600
