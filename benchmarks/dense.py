@@ -20,6 +20,9 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
+from vitsparse.compiler import compile_model
 from vitsparse.report import BenchReport, bench, host_info, write_text_atomic
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,6 +51,11 @@ def main(argv: list[str] | None = None) -> int:
             )
             print(report.table() + "\n", flush=True)
             reports.append(report)
+    profiles = {}
+    if args.profile:
+        for model in args.models:
+            print(f"[profile] {model}, batch 1", file=sys.stderr, flush=True)
+            profiles[model] = _profile(model, db=args.db)
     host = host_info()
     date = time.strftime("%Y-%m-%d %H:%M:%S %z")
     suite = {
@@ -57,10 +65,12 @@ def main(argv: list[str] | None = None) -> int:
         "threads": threads,
         "host": host,
         "reports": [r.to_json() for r in reports],
+        "profiles": {m: [k.to_json() for k in rows] for m, rows in profiles.items()},
     }
     outdir = Path(args.outdir)
     write_text_atomic(outdir / f"{STEM}.json", json.dumps(suite, indent=2) + "\n")
-    write_text_atomic(outdir / f"{STEM}.md", _markdown(reports, command, date, threads, host))
+    markdown = _markdown(reports, command, date, threads, host) + _profile_markdown(profiles)
+    write_text_atomic(outdir / f"{STEM}.md", markdown)
     print(f"wrote {outdir / STEM}.json and .md", file=sys.stderr)
     return 0
 
@@ -99,6 +109,32 @@ def _markdown(reports: list[BenchReport], command: str, date: str, threads: int,
     return "\n".join(lines) + "\n".join(r.to_markdown() for r in reports)
 
 
+def _profile(model: str, *, db: str | None, top: int = 12):
+    compiled = compile_model(model, target=TARGET, db=db)
+    x = np.random.default_rng(0).standard_normal(compiled.input_shape, dtype=np.float32)
+    return compiled.profile(x)[:top]
+
+
+def _profile_markdown(profiles) -> str:
+    if not profiles:
+        return ""
+    lines = [
+        "",
+        "## Where the time goes (tvm-dense, batch 1)",
+        "",
+        "Per-kernel time from the Relax VM's instrumentation (it adds a few microseconds per call,",
+        "so the column sums to a little more than the latency above); the top kernels only.",
+        "",
+    ]
+    for model, rows in profiles.items():
+        lines += [f"### {model}", "", "| kernel | ms / inference | calls |"]
+        lines.append("| --- | ---: | ---: |")
+        for r in rows:
+            lines.append(f"| `{r.name}` | {r.ms_per_inference:.3f} | {r.calls_per_inference} |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
@@ -121,6 +157,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="default: os.cpu_count()")
     p.add_argument("--db", metavar="DIR", help="tuning database root (`vitsparse tune`)")
     p.add_argument("--outdir", default=str(REPO / "docs" / "results"), metavar="DIR")
+    p.add_argument(
+        "--no-profile",
+        dest="profile",
+        action="store_false",
+        help="skip the per-kernel profile of each model at batch 1",
+    )
     return p
 
 

@@ -128,3 +128,15 @@ def test_dump_dir_writes_each_phase(tmp_path):
     compile_model(tiny_vit(depth=2), target="x86", dump_dir=tmp_path)
     for phase in ("rewrite", "legalize", "fuse", "schedule"):
         assert (tmp_path / f"{phase}.py").stat().st_size > 0
+
+
+def test_rewrite_passes_leave_their_input_alone():
+    from vitsparse.passes.lower_linear import LowerLinear
+    from vitsparse.passes.patch_embed_to_dense import PatchEmbedToDense
+
+    imported = import_model(tiny_vit(depth=2))
+    mod = pipeline.bind_params(imported.mod, imported.params)
+    before = mod.script(show_meta=False)
+    out = LowerLinear()(PatchEmbedToDense()(mod))
+    assert mod.script(show_meta=False) == before
+    assert "relax.nn.conv2d" not in str(_calls(out, "dense_"))

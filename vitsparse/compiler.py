@@ -63,6 +63,22 @@ class LatencyStats:
         }
 
 
+@dataclass(frozen=True)
+class KernelTime:
+    """One kernel's share of an inference."""
+
+    name: str
+    ms_per_inference: float
+    calls_per_inference: int
+
+    def to_json(self) -> dict:
+        return {
+            "kernel": self.name,
+            "ms_per_inference": self.ms_per_inference,
+            "calls_per_inference": self.calls_per_inference,
+        }
+
+
 class CompiledModel:
     """A compiled ViT: the VM executable plus what it was made from."""
 
@@ -107,6 +123,34 @@ class CompiledModel:
             vm["main"](arg)
         timer = vm.time_evaluator("main", dev, number=number, repeat=repeat)
         return LatencyStats.from_seconds(list(timer(arg).results))
+
+    def profile(self, x: np.ndarray, *, runs: int = 10) -> list[KernelTime]:
+        """Per-kernel time of ``runs`` inferences (VM instrumentation; the timer adds a little
+        overhead per call), most expensive first."""
+        dev = self._device()
+        arg = tvm.runtime.tensor(np.ascontiguousarray(x, dtype=np.float32), dev)
+        vm = relax.VirtualMachine(self.executable, dev)
+        vm["main"](arg)
+        totals: dict[str, list[float]] = {}
+        started: dict[str, float] = {}
+
+        def instrument(_func, name, before_run, _ret, *_args):
+            if before_run:
+                started[name] = time.perf_counter()
+            else:
+                entry = totals.setdefault(name, [0.0, 0])
+                entry[0] += time.perf_counter() - started.pop(name)
+                entry[1] += 1
+            return 0
+
+        vm.set_instrument(instrument)
+        for _ in range(runs):
+            vm["main"](arg)
+        rows = [
+            KernelTime(name, total * 1e3 / runs, calls // runs)
+            for name, (total, calls) in totals.items()
+        ]
+        return sorted(rows, key=lambda r: -r.ms_per_inference)
 
     def export(self, outdir: str | Path) -> Path:
         """Write model.so, params.npz and manifest.json to ``outdir`` atomically (a temporary

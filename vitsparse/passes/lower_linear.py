@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from vitsparse._tvm import relax, struct_shape, tvm
+from vitsparse.passes._rewrite import rewrite_relax_functions
 from vitsparse.schedules import dense
 
 Constant = tvm.ir.expr.Constant
@@ -156,17 +157,6 @@ class _FuseGeluMutator(relax.PyExprMutator):
         return relax.op.reshape(self.builder_.emit(fused), struct_shape(call))
 
 
-def _rewrite(mod, make_mutator):
-    for gvar, func in list(mod.functions.items()):
-        if not isinstance(func, relax.Function):
-            continue
-        mutator = make_mutator(mod)
-        new_func = mutator.visit_expr(func)
-        mod = mutator.builder_.get()
-        mod[gvar] = relax.analysis.remove_all_unused(new_func)
-    return mod
-
-
 @tvm.transform.module_pass(opt_level=0, name="vitsparse.LowerLinear")
 class LowerLinear:
     """Rewrite constant-weight linear layers (+ optional GELU) into packed dense kernels."""
@@ -179,6 +169,6 @@ class LowerLinear:
             mutator.kernels = kernels
             return mutator
 
-        mod = _rewrite(mod, first)
-        mod = _rewrite(mod, lambda m: _FuseGeluMutator(m, kernels))
+        mod = rewrite_relax_functions(mod, first)
+        mod = rewrite_relax_functions(mod, lambda m: _FuseGeluMutator(m, kernels))
         return relax.transform.DeadCodeElimination()(mod)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from vitsparse._tvm import relax, struct_shape, tvm
+from vitsparse.passes._rewrite import rewrite_relax_functions
 
 Constant = tvm.ir.expr.Constant
 _CONV = tvm.ir.Op.get("relax.nn.conv2d")
@@ -65,11 +66,4 @@ class PatchEmbedToDense:
     """Rewrite non-overlapping-patch conv2d (constant weight) into reshape + linear."""
 
     def transform_module(self, mod, _ctx):
-        for gvar, func in list(mod.functions.items()):
-            if not isinstance(func, relax.Function):
-                continue
-            mutator = _PatchEmbedMutator(mod)
-            new_func = mutator.visit_expr(func)
-            mod = mutator.builder_.get()
-            mod[gvar] = relax.analysis.remove_all_unused(new_func)
-        return mod
+        return rewrite_relax_functions(mod, _PatchEmbedMutator)
