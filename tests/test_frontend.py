@@ -380,7 +380,6 @@ ZOO = {
 }
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(ZOO))
 def test_timm_zoo(name):
     depth, embed, heads, mlp, image, tokens, prefix = ZOO[name]

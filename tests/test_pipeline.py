@@ -140,3 +140,24 @@ def test_rewrite_passes_leave_their_input_alone():
     out = LowerLinear()(PatchEmbedToDense()(mod))
     assert mod.script(show_meta=False) == before
     assert "relax.nn.conv2d" not in str(_calls(out, "dense_"))
+
+
+ZOO = (
+    "deit_tiny_patch16_224",
+    "deit_small_patch16_224",
+    "deit_base_patch16_224",
+    "deit_small_distilled_patch16_224",
+    "vit_tiny_patch16_224",
+    "vit_small_patch16_224",
+    "vit_base_patch16_224",
+    "vit_small_patch16_384",
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ZOO)
+def test_compiled_zoo_matches_pytorch(name):
+    compiled = compile_model(name, target="x86", batch=2)
+    x = np.random.default_rng(3).standard_normal(compiled.input_shape, dtype=np.float32)
+    err = np.abs(compiled.run(x) - _torch_out(compiled.imported.torch_model, x)).max()
+    assert err <= 1e-4, err

@@ -11,7 +11,9 @@ database (trials already spent count against the budget), so an interrupted job 
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -19,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vitsparse._tvm import IRModule, ms, relax, structural_hash, tir, tvm
+from vitsparse.compiler import set_num_threads
 from vitsparse.errors import TargetError
 from vitsparse.frontend import import_model
 from vitsparse.passes import pipeline
@@ -207,6 +210,9 @@ def tune(
     runner = ms.runner.LocalRunner(
         timeout_sec=120.0,
         evaluator_config=ms.runner.EvaluatorConfig(number=5, repeat=3, min_repeat_ms=20),
+        # Measure with the thread count the model runs with: a fresh worker's TVM pool
+        # otherwise follows its CPU affinity, which can be a single core.
+        initializer=functools.partial(set_num_threads, _threads(spec)),
     )
     before = {k.name: len(_records(database, k.workload())) for k in kernels}
 
@@ -248,12 +254,12 @@ def tune(
                 mod=k.workload(),
                 target=spec.target,
                 space_generator=_space(k),
-                search_strategy="evolutionary",
+                search_strategy=_search_strategy(),
                 task_name=k.name,
                 num_threads="physical",
-                logger=_progress_logger(say),
+                logger=_progress_logger(say, f"{i + 1}/{len(kernels)} {k.name}"),
             )
-            for k in kernels
+            for i, k in enumerate(kernels)
         ]
         with tempfile.TemporaryDirectory(prefix="vitsparse-tune-") as work_dir:
             ms.tune_tasks(
@@ -282,23 +288,45 @@ def tune(
     return report
 
 
-def _progress_logger(say: Callable[[str], None]) -> logging.Logger:
-    logger = logging.getLogger("vitsparse.tune")
+def _threads(spec) -> int:
+    cores = spec.target.attrs.get("num-cores")
+    return int(cores) if cores else (os.cpu_count() or 1)
+
+
+def _search_strategy():
+    # MetaSchedule's defaults (population 512, 4 genetic rounds) spend minutes per round on
+    # 2 cores before anything is measured; the hand schedule is already a good start.
+    return ms.search_strategy.EvolutionarySearch(
+        population_size=64,
+        init_measured_ratio=0.1,
+        init_min_unmeasured=16,
+        genetic_num_iters=2,
+    )
+
+
+def _progress_logger(say: Callable[[str], None], task: str) -> logging.Logger:
+    logger = logging.getLogger(f"vitsparse.tune.{task}")
     logger.setLevel(logging.INFO)
-    if not any(isinstance(h, _SayHandler) for h in logger.handlers):
-        logger.addHandler(_SayHandler(say))
+    logger.handlers = [_SayHandler(say, task)]
     logger.propagate = False
     return logger
 
 
 class _SayHandler(logging.Handler):
-    """Forwards MetaSchedule's per-task progress lines (trial counts, best latency)."""
+    """MetaSchedule's per-task log -> progress lines: when a batch of candidates goes out for
+    measurement, and each measured trial (speed and best so far)."""
 
-    def __init__(self, say):
+    def __init__(self, say, task: str):
         super().__init__(logging.INFO)
         self.say = say
+        self.task = task
 
     def emit(self, record):
         msg = record.getMessage()
-        if "Total trials" in msg or "Best" in msg or "Sending" in msg:
-            self.say("[tune] " + msg.splitlines()[0][:160])
+        if "Trial #" in msg:
+            # "[task_scheduler.cc:144] [Task #3: dense_gelu] Trial #5: GFLOPs: ..." -> drop the
+            # source location, keep task, trial and speeds.
+            self.say("[tune] " + msg.split("] ", 1)[-1].splitlines()[0][:160])
+        elif "Sending" in msg:
+            count = msg.split("Sending", 1)[1].split()[0]
+            self.say(f"[tune] kernel {self.task}: {count} candidates sent for measurement")
