@@ -58,7 +58,7 @@ def phases(config: PipelineConfig) -> list[tuple[str, tvm.transform.Pass]]:
     """(name, pass) for each phase after binding, in order."""
     rewrite = []
     if config.lower_linear and config.schedule_family == "cpu":
-        rewrite = [PatchEmbedToDense(), LowerLinear()]
+        rewrite = [PatchEmbedToDense(), LowerLinear(), relax.transform.RemoveRedundantReshape()]
     out = [
         ("rewrite", tvm.transform.Sequential(rewrite, name="rewrite")),
         (
