@@ -12,10 +12,9 @@ that names the file and the line instead of a crash deep inside TVM.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
+from vitsparse._io import write_text_atomic
 from vitsparse._tvm import ms
 from vitsparse.errors import DatabaseError
 from vitsparse.targets import TargetSpec
@@ -44,13 +43,6 @@ def _check_lines(path: Path) -> int:
                 ) from exc
             count += 1
     return count
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
 
 
 def validate(directory: Path, spec: TargetSpec) -> None:
@@ -87,7 +79,7 @@ def open_target_database(db_root: str | Path, spec: TargetSpec, *, create: bool)
         directory.mkdir(parents=True)
     validate(directory, spec)
     if not (directory / TARGET_FILE).exists():
-        _write_atomic(
+        write_text_atomic(
             directory / TARGET_FILE,
             json.dumps({"key": spec.key, "target": spec.to_json()}, indent=2) + "\n",
         )
