@@ -5,6 +5,8 @@ The public API (imported lazily: `import vitsparse` stays cheap):
     compile_model -- import and compile for a target; returns a CompiledModel (run/time/export)
     tune          -- MetaSchedule tuning job into a per-target database (resumable)
     bench         -- compiled model vs PyTorch eager vs ONNX Runtime
+    prune         -- a block-mask PruningPlan (magnitude or random); apply_plan_to_torch gives the
+                     PyTorch reference of a plan
 """
 
 __version__ = "0.1.0"
@@ -16,6 +18,9 @@ _API = {
     "tune": ("vitsparse.schedules.tuning", "tune"),
     "bench": ("vitsparse.report.compare", "bench"),
     "resolve_target": ("vitsparse.targets", "resolve_target"),
+    "prune": ("vitsparse.pruning", "prune"),
+    "PruningPlan": ("vitsparse.plan", "PruningPlan"),
+    "apply_plan_to_torch": ("vitsparse.plan", "apply_plan_to_torch"),
 }
 
 __all__ = ["__version__", *_API]

@@ -75,6 +75,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=_positive_int, metavar="N", help="total trial budget")
     p.set_defaults(run=_tune)
 
+    p = commands.add_parser("prune", help="make a block-mask pruning plan (JSON) for a model")
+    p.add_argument("model", metavar="MODEL", help="timm model name")
+    p.add_argument(
+        "--method",
+        required=True,
+        type=_prune_method,
+        metavar="M",
+        help="block score: magnitude (largest L1 norm kept) or random",
+    )
+    p.add_argument(
+        "--blocks",
+        required=True,
+        metavar="RxC:KEEP",
+        help="block size and the fraction of blocks each layer keeps, e.g. 32x32:0.5",
+    )
+    p.add_argument(
+        "--layers",
+        nargs="+",
+        action="extend",
+        metavar="PATTERN",
+        help="fnmatch patterns on linear layer names (default: qkv/proj/fc1/fc2 of every block)",
+    )
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of --method random")
+    p.add_argument("--checkpoint", metavar="FILE", help="torch.save'd weights for MODEL")
+    p.add_argument("--pretrained", action="store_true", help="timm's pretrained weights")
+    p.add_argument("-o", "--output", type=_output_file, required=True, metavar="PLAN.json")
+    p.set_defaults(run=_prune)
+
     p = commands.add_parser(
         "demo", help=f"compare PyTorch, ONNX Runtime and TVM on {DEMO_MODEL} for this CPU"
     )
@@ -167,6 +195,37 @@ def _tune(args: argparse.Namespace) -> None:
     print(report.summary())
 
 
+def _prune(args: argparse.Namespace) -> None:
+    from vitsparse.pruning import prune
+
+    plan = prune(
+        _model_source(args.model),
+        method=args.method,
+        blocks=args.blocks,
+        layers=args.layers,
+        seed=args.seed,
+        checkpoint=args.checkpoint,
+        pretrained=args.pretrained,
+    )
+    plan.save(args.output)
+    densities = [mask.density for mask in plan.layers.values()]
+    print(f"model     {plan.model_id} (weights {plan.weights_hash[:19]}...)")
+    print(f"method    {plan.method}, seed {args.seed}")
+    print(f"layers    {len(plan.layers)} linear layers ({', '.join(plan.budget['layers'])})")
+    print(f"blocks    {plan.budget['blocks']}, keep {plan.budget['keep']:g}")
+    print(
+        f"density   mean {plan.mean_density:.3f} (min {min(densities):.3f}, "
+        f"max {max(densities):.3f})"
+    )
+    print(f"flops     {plan.kept_mac_fraction:.1%} of the masked layers' multiply-adds kept")
+    print(f"plan      {args.output}")
+    if args.checkpoint is None and not args.pretrained:
+        print(
+            "note      timm's random weights (no --checkpoint/--pretrained): the plan's weights "
+            "hash matches no other instance of the model"
+        )
+
+
 def _demo(args: argparse.Namespace) -> None:
     from vitsparse.frontend import load_torch_model
     from vitsparse.report import bench
@@ -241,6 +300,16 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} is not positive")
     return value
+
+
+def _prune_method(text: str) -> str:
+    from vitsparse.pruning import BLOCK_SCORES
+
+    if text not in BLOCK_SCORES:
+        raise argparse.ArgumentTypeError(
+            f"unknown method {text!r}; known: {', '.join(BLOCK_SCORES)}"
+        )
+    return text
 
 
 def _runtime_list(text: str) -> tuple[str, ...]:

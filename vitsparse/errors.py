@@ -28,3 +28,7 @@ class DatabaseError(VitsparseError):
 
 class ArtifactError(VitsparseError):
     """A compiled artifact directory that is missing or incomplete."""
+
+
+class PlanError(VitsparseError):
+    """A pruning plan, or a request to make one, that is invalid or does not fit the model."""

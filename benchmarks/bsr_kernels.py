@@ -1,0 +1,240 @@
+"""BSR kernel vs the dense kernel of the same shape, on this x86 machine.
+
+For deit_small's linear-layer shapes (M = 197 tokens, batch 1) and each block size, times the
+hand-scheduled dense kernel (schedules/dense.py, default knobs) and the BSR kernel
+(schedules/bsr.py) at a range of kept-block fractions (random masks, seeded), side by side in one
+process, and writes ``docs/results/bsr_x86.json``, ``docs/results/bsr_x86.md`` and the plot
+``docs/results/bsr_x86.png`` (speedup vs density, one curve per block size and shape).
+
+    python benchmarks/bsr_kernels.py
+    python benchmarks/bsr_kernels.py --blocks 32x32 --densities 0.5 0.3 0.1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from vitsparse._io import write_text_atomic
+from vitsparse._tvm import Schedule, tvm
+from vitsparse.compiler import set_num_threads
+from vitsparse.report import host_info
+from vitsparse.schedules import bsr, dense
+from vitsparse.targets import resolve_target
+
+REPO = Path(__file__).resolve().parents[1]
+SHAPES = ((384, 1152), (384, 384), (384, 1536), (1536, 384))  # (K, N) of qkv, proj, fc1, fc2
+DENSITIES = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
+STEM = "bsr_x86"
+
+
+def _time(lib, args, *, number, repeat) -> float:
+    timer = lib.mod.time_evaluator("main", tvm.cpu(), number=number, repeat=repeat)
+    return float(np.median(list(timer(*args).results)) * 1e3)
+
+
+def _dense_timer(m, k, n, target, rng, timing):
+    """A function that times the dense kernel of this shape (called beside every BSR timing)."""
+    shape = dense.DenseShape(m, k, n, "none", dense.choose_row_tile(m))
+    sch = Schedule(dense.dense_primfunc(shape).with_attr("global_symbol", "main"))
+    dense.schedule_dense_cpu(sch, dense.default_knobs(shape))
+    lib = tvm.compile(sch.mod, target=target)
+    w = rng.standard_normal((n, k), dtype=np.float32)
+    arrays = [
+        rng.standard_normal((m, k), dtype=np.float32),
+        dense.pack_weight(w),
+        rng.standard_normal(n, dtype=np.float32),
+        np.zeros((m, n), np.float32),
+    ]
+    args = [tvm.runtime.tensor(a) for a in arrays]
+    lib["main"](*args)
+    return lambda: _time(lib, args, **timing)
+
+
+def _bsr_ms(m, k, n, block, density, target, rng, timing) -> tuple[float, float]:
+    rows, cols = block
+    grid = (n // rows, k // cols)
+    kept = np.zeros(grid[0] * grid[1], dtype=bool)
+    kept[rng.permutation(kept.size)[: max(1, round(density * kept.size))]] = True
+    kept = kept.reshape(grid)
+    w = rng.standard_normal((n, k), dtype=np.float32)
+    weight = bsr.to_bsr(w, kept, block)
+    x = rng.standard_normal((m, k), dtype=np.float32)
+    b = rng.standard_normal(n, dtype=np.float32)
+    lib = tvm.compile(bsr.bsr_primfunc(m, weight).with_attr("global_symbol", "main"), target=target)
+    y = np.zeros((m, n), np.float32)
+    args = [tvm.runtime.tensor(a) for a in (x, weight.data, weight.indices, weight.indptr, b, y)]
+    lib["main"](*args)
+    masked = weight.to_dense()
+    err = float(np.abs(args[-1].numpy() - (x @ masked.T + b)).max())
+    if err > 1e-3:
+        raise AssertionError(f"BSR kernel wrong for {k}x{n} {rows}x{cols} @ {density}: {err}")
+    return _time(lib, args, **timing), weight.density
+
+
+def _break_even(points: list[tuple[float, float]]) -> float | None:
+    """Highest density at which BSR is still at least as fast as dense (linear interpolation
+    between measured densities); None when it never is."""
+    pts = sorted(points, reverse=True)
+    for (d_hi, s_hi), (d_lo, s_lo) in zip(pts, pts[1:], strict=False):
+        if s_hi < 1.0 <= s_lo:
+            return d_lo + (d_hi - d_lo) * (s_lo - 1.0) / (s_lo - s_hi)
+    if pts and pts[0][1] >= 1.0:
+        return pts[0][0]
+    return None
+
+
+def _plot(results, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    blocks = sorted({r["block"] for r in results})
+    fig, axes = plt.subplots(1, len(blocks), figsize=(5 * len(blocks), 4), squeeze=False)
+    for ax, block in zip(axes[0], blocks, strict=True):
+        for shape in sorted({r["shape"] for r in results if r["block"] == block}):
+            pts = sorted(
+                (r["density"], r["speedup"])
+                for r in results
+                if r["block"] == block and r["shape"] == shape
+            )
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=shape)
+        ax.plot([0.1, 1.0], [10.0, 1.0], ":", color="grey", label="FLOP ideal")
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set(
+            title=f"block {block}",
+            xlabel="kept-block density",
+            ylabel="speedup vs dense",
+            yscale="log",
+        )
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    threads = args.threads or os.cpu_count() or 1
+    set_num_threads(threads)
+    target = resolve_target("x86").target
+    timing = {"number": args.number, "repeat": args.repeat}
+    rng = np.random.default_rng(args.seed)
+    blocks = [tuple(int(v) for v in b.split("x")) for b in args.blocks]
+    results, dense_rows = [], []
+    for k, n in SHAPES:
+        dense_timer = _dense_timer(args.m, k, n, target, rng, timing)
+        shape_dense = []
+        for block in blocks:
+            for density in args.densities:
+                ms, actual = _bsr_ms(args.m, k, n, block, density, target, rng, timing)
+                dense_ms = dense_timer()  # measured right after the BSR kernel, every time
+                shape_dense.append(dense_ms)
+                results.append(
+                    {
+                        "shape": f"{k}x{n}",
+                        "block": f"{block[0]}x{block[1]}",
+                        "density": actual,
+                        "bsr_ms": ms,
+                        "dense_ms": dense_ms,
+                        "speedup": dense_ms / ms,
+                    }
+                )
+                print(
+                    f"{k}x{n} block {block[0]}x{block[1]} density {actual:.2f}: "
+                    f"{ms:.3f} ms vs dense {dense_ms:.3f} ms",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    break_even = {
+        f"{s}/{b}": _break_even(
+            [(r["density"], r["speedup"]) for r in results if r["shape"] == s and r["block"] == b]
+        )
+        for s in sorted({r["shape"] for r in results})
+        for b in sorted({r["block"] for r in results})
+    }
+    command = shlex.join(
+        ["python", "benchmarks/bsr_kernels.py", *(sys.argv[1:] if argv is None else argv)]
+    )
+    date = time.strftime("%Y-%m-%d %H:%M:%S %z")
+    outdir = Path(args.outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    _plot(results, outdir / f"{STEM}.png")
+    suite = {
+        "command": command,
+        "date": date,
+        "threads": threads,
+        "m": args.m,
+        "host": host_info(),
+        "dense": dense_rows,
+        "results": results,
+        "break_even_density": break_even,
+    }
+    write_text_atomic(outdir / f"{STEM}.json", json.dumps(suite, indent=2) + "\n")
+    write_text_atomic(outdir / f"{STEM}.md", _markdown(suite))
+    print(f"wrote {outdir / STEM}.json, .md and .png", file=sys.stderr)
+    return 0
+
+
+def _markdown(suite) -> str:
+    host = suite["host"]
+    lines = [
+        "# BSR kernel vs dense kernel on x86 (float32)",
+        "",
+        f"- host: {host['cpu_model']} (LLVM `{host['llvm_cpu']}`, {host['simd']}), "
+        f"{suite['threads']} threads; date {suite['date']}",
+        f"- M = {suite['m']} rows (deit_small tokens, batch 1); random block masks; dense = the "
+        "hand-scheduled packed dense kernel of the same shape, untuned, timed right after each "
+        "BSR kernel (each speedup is one side-by-side pair); times are medians of the repeats",
+        "- reproduce with:",
+        "",
+        "```",
+        suite["command"],
+        "```",
+        "",
+        "![speedup vs density](bsr_x86.png)",
+        "",
+        "| shape K x N | block | density | BSR ms | dense ms | speedup |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for r in suite["results"]:
+        lines.append(
+            f"| {r['shape']} | {r['block']} | {r['density']:.2f} | {r['bsr_ms']:.3f} "
+            f"| {r['dense_ms']:.3f} | {r['speedup']:.2f}x |"
+        )
+    lines += [
+        "",
+        "## Break-even density (BSR as fast as dense)",
+        "",
+        "| shape / block | density |",
+        "| --- | ---: |",
+    ]
+    for key, value in suite["break_even_density"].items():
+        lines.append(f"| {key} | {'never' if value is None else f'{value:.2f}'} |")
+    return "\n".join(lines) + "\n"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--blocks", nargs="+", default=["16x16", "32x32", "64x64"])
+    p.add_argument("--densities", nargs="+", type=float, default=list(DENSITIES))
+    p.add_argument("--m", type=int, default=197)
+    p.add_argument("--number", type=int, default=20)
+    p.add_argument("--repeat", type=int, default=7)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="default: os.cpu_count()")
+    p.add_argument("--outdir", default=str(REPO / "docs" / "results"), metavar="DIR")
+    return p
+
+
+if __name__ == "__main__":
+    sys.exit(main())
