@@ -23,6 +23,9 @@ from vitsparse._tvm import relax, tvm
 from vitsparse.errors import ArtifactError, TargetError
 from vitsparse.frontend import ImportedModel, import_model
 from vitsparse.passes import pipeline
+from vitsparse.passes.annotate_pruning import AnnotatePruning
+from vitsparse.passes.block_sparsify import BlockSparsify
+from vitsparse.plan import PruningPlan, validate_plan
 from vitsparse.targets import TargetSpec, export_library, resolve_target
 
 ARTIFACT_LIBRARY = "model.so"
@@ -82,11 +85,21 @@ class KernelTime:
 class CompiledModel:
     """A compiled ViT: the VM executable plus what it was made from."""
 
-    def __init__(self, executable, spec: TargetSpec, imported: ImportedModel, tuned: int):
+    def __init__(
+        self,
+        executable,
+        spec: TargetSpec,
+        imported: ImportedModel,
+        tuned: int,
+        plan: PruningPlan | None = None,
+        sparsity: list | None = None,
+    ):
         self.executable = executable
         self.spec = spec
         self.imported = imported
         self.tuned_kernels = tuned
+        self.plan = plan
+        self.sparsity_decisions = sparsity or []  # per masked layer: density, break-even, kernel
         self._vm = None
 
     @property
@@ -175,6 +188,17 @@ class CompiledModel:
             raise
         return outdir
 
+    def _plan_summary(self) -> dict | None:
+        if self.plan is None:
+            return None
+        return {
+            "model_id": self.plan.model_id,
+            "method": self.plan.method,
+            "weights_hash": self.plan.weights_hash,
+            "mean_density": self.plan.mean_density,
+            "layers": _kernel_counts(self.sparsity_decisions),
+        }
+
     def manifest(self) -> dict:
         import timm
         import torch
@@ -190,6 +214,7 @@ class CompiledModel:
             "weights": "embedded in the library as constants; params.npz holds the source "
             "weights (Relax parameter names) for verification",
             "tuned_kernels": self.tuned_kernels,
+            "plan": self._plan_summary(),
             "graph": self.imported.graph.to_json(),
             "versions": {
                 "vitsparse": _version(),
@@ -200,6 +225,11 @@ class CompiledModel:
             },
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
+
+
+def _kernel_counts(decisions: list) -> dict[str, int]:
+    kernels = [d["kernel"] for d in decisions]
+    return {"bsr": kernels.count("bsr"), "dense": kernels.count("dense")}
 
 
 def _version() -> str:
@@ -223,29 +253,57 @@ def open_database(db_dir: str | Path | None, spec: TargetSpec):
     return open_target_database(db_dir, spec, create=False)
 
 
+def _load_plan(plan) -> PruningPlan | None:
+    if plan is None or isinstance(plan, PruningPlan):
+        return plan
+    return PruningPlan.load(plan)
+
+
+def _break_even(spec: TargetSpec):
+    """Break-even density per layer shape: measured on this machine when the target runs here;
+    otherwise unmeasured, and every masked layer gets the BSR kernel."""
+    if spec.runs_locally and spec.schedule_family == "cpu":
+        from vitsparse.schedules.break_even import measured_break_even
+
+        return lambda m, k, n, block: measured_break_even(spec.target, m, k, n, block)
+    return lambda m, k, n, block: 1.0
+
+
 def compile_imported(
     imported: ImportedModel,
     *,
     target: str | dict | TargetSpec = "x86",
     cuda_arch: str | None = None,
     db: str | Path | None = None,
+    plan: PruningPlan | str | Path | None = None,
     dump_dir: str | Path | None = None,
 ) -> CompiledModel:
     """Compile an already-imported model (see compile_model)."""
     spec = resolve_target(target, cuda_arch=cuda_arch)
     database = open_database(db, spec)
-    mod = pipeline.bind_params(imported.mod, imported.params)
+    plan = _load_plan(plan)
+    mod = imported.mod
+    sparsify, decisions = None, []
+    if plan is not None:
+        if spec.schedule_family != "cpu":
+            raise TargetError(f"block-sparse kernels for {spec.key} are not built yet")
+        if imported.torch_model is not None:
+            validate_plan(plan, imported.torch_model)
+        mod = AnnotatePruning(plan, imported.graph)(mod)
+        sparsify = BlockSparsify(_break_even(spec), decisions)
+    mod = pipeline.bind_params(mod, imported.params)
     config = pipeline.PipelineConfig(
         target=spec.target,
         schedule_family=spec.schedule_family,
         database=database,
+        block_sparsify=sparsify,
         dump_dir=Path(dump_dir) if dump_dir is not None else None,
     )
     optimized = pipeline.optimize(mod, config)
     tuned = pipeline.count_tuned(optimized)
     with tvm.transform.PassContext(opt_level=3):
         executable = tvm.compile(optimized, target=spec.target)
-    return CompiledModel(executable, spec, imported, tuned)
+    return CompiledModel(executable, spec, imported, tuned, plan, decisions)
 
 
 def compile_model(
@@ -257,17 +315,24 @@ def compile_model(
     pretrained: bool = False,
     cuda_arch: str | None = None,
     db: str | Path | None = None,
+    plan: PruningPlan | str | Path | None = None,
     dump_dir: str | Path | None = None,
 ) -> CompiledModel:
     """Import ``source`` (timm name, nn.Module or .onnx path) and compile it for ``target``.
 
     ``db`` is a tuning-database root (``vitsparse tune`` writes it); the target's records are
-    used where they exist, the hand-written schedules everywhere else.
+    used where they exist, the hand-written schedules everywhere else. ``plan`` (a PruningPlan or
+    its JSON file) compiles the pruned model: block-masked layers become BSR kernels where their
+    density is below the measured break-even, masked dense kernels elsewhere.
     """
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
+    # Bad targets, databases and plan files fail before the (slow) import.
+    spec = resolve_target(target, cuda_arch=cuda_arch)
+    open_database(db, spec)
+    plan = _load_plan(plan)
     imported = import_model(source, batch=batch, checkpoint=checkpoint, pretrained=pretrained)
-    return compile_imported(imported, target=target, cuda_arch=cuda_arch, db=db, dump_dir=dump_dir)
+    return compile_imported(imported, target=spec, db=db, plan=plan, dump_dir=dump_dir)
 
 
 def load_artifact(outdir: str | Path) -> tuple[dict, object]:

@@ -44,6 +44,7 @@ class PipelineConfig:
     schedule_family: str = "cpu"  # 'cpu' | 'gpu'
     database: object | None = None  # a MetaSchedule Database, or None
     lower_linear: bool = True
+    block_sparsify: tvm.transform.Pass | None = None  # BlockSparsify, when a plan is compiled
     dump_dir: Path | None = None
     extra_phases: dict = field(default_factory=dict)
 
@@ -57,8 +58,12 @@ def bind_params(mod: IRModule, params: dict[str, np.ndarray], func: str = "main"
 def phases(config: PipelineConfig) -> list[tuple[str, tvm.transform.Pass]]:
     """(name, pass) for each phase after binding, in order."""
     rewrite = []
+    if config.block_sparsify is not None:
+        rewrite.append(config.block_sparsify)
+    # Folds what the rewrites left of pruning annotations (masked weights kept dense).
+    rewrite.append(relax.transform.FoldConstant())
     if config.lower_linear and config.schedule_family == "cpu":
-        rewrite = [PatchEmbedToDense(), LowerLinear(), relax.transform.RemoveRedundantReshape()]
+        rewrite += [PatchEmbedToDense(), LowerLinear(), relax.transform.RemoveRedundantReshape()]
     out = [
         ("rewrite", tvm.transform.Sequential(rewrite, name="rewrite")),
         (

@@ -135,4 +135,5 @@ def bsr_primfunc(m: int, weight: BSRWeight, *, row_tile: int | None = None) -> t
                                 acc[i, v0 * lanes + v1] + bias[t % nbr * rows + v0 * lanes + v1]
                             )
 
-    return bsr.with_attrs({KERNEL_ATTR: BSR_KERNEL, "tirx.is_scheduled": True})
+    attrs = {KERNEL_ATTR: BSR_KERNEL, "tirx.is_scheduled": True}
+    return bsr.without_attr("global_symbol").with_attrs(attrs)

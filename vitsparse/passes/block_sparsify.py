@@ -1,0 +1,132 @@
+"""BlockSparsify: block-masked linear layers -> call_tir of the BSR kernel.
+
+Reads the annotations AnnotatePruning wrote (after BindParams, so the weight is a constant):
+
+    add(matmul(x, permute_dims(reshape(multiply(reshape(W, (N/r, r, K/c, c)), M), (N, K)))), b)
+
+and, when the layer's density is at or below the break-even density for its shape and block size,
+replaces it with one call of ``schedules.bsr`` (weight packed into BSR at compile time). A layer
+above its break-even is left as it is: FoldConstant folds the mask into the weight and LowerLinear
+makes it a dense kernel, so it stays correct either way. ``break_even(m, k, n, block)`` is given
+by the caller, from measurements on the target (``schedules.break_even``); a GELU after the layer
+stays a separate (fused elementwise) kernel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from vitsparse._tvm import relax, struct_shape, tvm
+from vitsparse.passes._rewrite import rewrite_relax_functions
+from vitsparse.schedules import bsr
+
+Constant = tvm.ir.expr.Constant
+_OP = tvm.ir.Op.get
+BreakEven = Callable[[int, int, int, tuple[int, int]], float]
+
+
+@relax.expr_functor.mutator
+class _BlockSparsifyMutator(relax.PyExprMutator):
+    def __init__(self, mod, break_even: BreakEven, decisions: list):
+        super().__init__(mod)
+        self.break_even = break_even
+        self.decisions = decisions
+
+    def _bound(self, expr):
+        if isinstance(expr, relax.Var):
+            value = self.lookup_binding(expr)
+            if value is not None:
+                return value
+        return expr
+
+    def _call(self, expr, name):
+        expr = self._bound(expr)
+        if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op):
+            if expr.op.same_as(_OP(name)):
+                return expr
+        return None
+
+    def _const(self, expr):
+        expr = self._bound(expr)
+        return expr.value.numpy() if isinstance(expr, Constant) else None
+
+    def _masked_weight(self, expr):
+        """(weight (N, K), kept bitmap, block) of an annotated weight, else None."""
+        transpose = self._call(expr, "relax.permute_dims")
+        outer = None if transpose is None else self._call(transpose.args[0], "relax.reshape")
+        product = None if outer is None else self._call(outer.args[0], "relax.multiply")
+        inner = None if product is None else self._call(product.args[0], "relax.reshape")
+        if inner is None:
+            return None
+        weight, keep = self._const(inner.args[0]), self._const(product.args[1])
+        if weight is None or keep is None or weight.ndim != 2 or keep.ndim != 4:
+            return None
+        n, k = weight.shape
+        nr, rows, nc, cols = struct_shape(inner)
+        if keep.shape != (nr, 1, nc, 1) or (nr * rows, nc * cols) != (n, k):
+            return None
+        if not np.isin(keep, (0.0, 1.0)).all():
+            return None
+        return weight, keep.reshape(nr, nc).astype(bool), (rows, cols)
+
+    def visit_call_(self, call):
+        call = super().visit_call_(call)
+        add = call if isinstance(call.op, tvm.ir.Op) and call.op.same_as(_OP("relax.add")) else None
+        if add is None:
+            return call
+        for mm_arg, b_arg in ((add.args[0], add.args[1]), (add.args[1], add.args[0])):
+            matmul = self._call(mm_arg, "relax.matmul")
+            bias = self._const(b_arg)
+            if matmul is None or bias is None or bias.ndim != 1:
+                continue
+            found = self._masked_weight(matmul.args[1])
+            if found is None:
+                continue
+            lowered = self._lower(matmul.args[0], bias, *found)
+            return call if lowered is None else lowered
+        return call
+
+    def _lower(self, x, bias, weight, kept, block):
+        n, k = weight.shape
+        x_shape = struct_shape(x)
+        rows = int(np.prod(x_shape[:-1]))
+        density = float(kept.mean())
+        limit = self.break_even(rows, k, n, block)
+        decision = {"shape": (rows, k, n), "block": block, "density": density, "break_even": limit}
+        self.decisions.append(decision)
+        if density > limit:
+            decision["kernel"] = "dense"
+            return None
+        decision["kernel"] = "bsr"
+        packed = bsr.to_bsr(weight, kept, block)
+        func = bsr.bsr_primfunc(rows, packed)
+        gvar = self.builder_.add_func(func, f"bsr_{block[0]}x{block[1]}")
+        x2d = x if len(x_shape) == 2 else self.builder_.emit(relax.op.reshape(x, (rows, k)))
+        out = relax.call_tir(
+            gvar,
+            [x2d, *(relax.const(a) for a in (packed.data, packed.indices, packed.indptr, bias))],
+            relax.TensorType((rows, n), "float32"),
+        )
+        if len(x_shape) == 2:
+            return out
+        return relax.op.reshape(self.builder_.emit(out), (*x_shape[:-1], n))
+
+
+@tvm.transform.module_pass(opt_level=0, name="vitsparse.BlockSparsify")
+class BlockSparsify:
+    """Lower annotated block-masked linear layers to BSR kernels where they beat dense.
+
+    ``decisions`` (a list, filled per layer) records shape, block, density, break-even and the
+    chosen kernel, so callers can report what happened.
+    """
+
+    def __init__(self, break_even: BreakEven, decisions: list | None = None):
+        self.break_even = break_even
+        self.decisions = decisions if decisions is not None else []
+
+    def transform_module(self, mod, _ctx):
+        return rewrite_relax_functions(
+            mod, lambda m: _BlockSparsifyMutator(m, self.break_even, self.decisions)
+        )
