@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -131,6 +132,60 @@ def test_bench_writes_json_and_markdown(tmp_path):
         assert runtime in proc.stdout and f"| {runtime} |" in report_md.read_text()
     assert "[bench] compiling deit_tiny_patch16_224 for x86" in proc.stderr
     assert sorted(p.name for p in report_json.parent.iterdir()) == ["bench.json"]
+
+
+@pytest.fixture(scope="module")
+def deit_plan(tmp_path_factory) -> tuple[Path, Path]:
+    """(checkpoint of one deit_tiny, a plan made by `vitsparse prune` for those weights)."""
+    root = tmp_path_factory.mktemp("pruned")
+    checkpoint, plan = root / "deit.pt", root / "plan.json"
+    torch.save({"model": timm.create_model(DEIT).state_dict()}, checkpoint)
+    args = ("prune", DEIT, "--method", "magnitude", "--blocks", "32x32:0.5")
+    assert main([*args, "--checkpoint", str(checkpoint), "-o", str(plan)]) == 0
+    return checkpoint, plan
+
+
+def test_bench_with_a_plan(capsys, tmp_path, deit_plan):
+    checkpoint, plan = deit_plan
+    report_json = tmp_path / "bench.json"
+    args = ("bench", DEIT, "--checkpoint", checkpoint, "--plan", plan, "--json", report_json)
+    timing = ("--runtimes", "torch-pruned,tvm-pruned", "--repeat", "1", "--number", "1")
+    code, stdout, stderr = _main(capsys, *args, *timing, "--threads", "2")
+    assert code == 0, stderr
+    rows = {r["runtime"]: r for r in json.loads(report_json.read_text())["rows"]}
+    assert list(rows) == ["torch-pruned", "tvm-pruned"]
+    assert all(r["status"] == "ok" for r in rows.values())
+    assert rows["tvm-pruned"]["max_abs_err_vs_torch"] <= 1e-4
+    assert "layers BSR" in rows["tvm-pruned"]["detail"]
+    assert "measured against torch-pruned's output" in stdout
+
+
+def test_compile_with_a_plan(capsys, tmp_path, deit_plan):
+    checkpoint, plan = deit_plan
+    out = tmp_path / "pruned"
+    args = ("compile", DEIT, "--checkpoint", checkpoint, "--plan", plan, "-o", out)
+    code, stdout, stderr = _main(capsys, *args)
+    assert code == 0, stderr
+    assert {p.name for p in out.iterdir()} == ARTIFACT_FILES
+    assert "(magnitude, mean density 0.500)" in stdout
+    found = re.search(r"sparsity  (\d+) layers BSR, (\d+) dense \(break-even measured\)", stdout)
+    assert found and int(found[1]) + int(found[2]) == 48, stdout  # qkv/proj/fc1/fc2 x 12 blocks
+
+
+def test_bench_plan_for_other_weights_writes_no_json(capsys, tmp_path, deit_plan):
+    _, plan = deit_plan  # made for the checkpoint; timm's random weights differ
+    report = tmp_path / "r.json"
+    code, _, stderr = _main(capsys, "bench", DEIT, "--plan", plan, "--json", report)
+    assert code == 2
+    error = stderr.strip().splitlines()[-1]
+    assert error.startswith("vitsparse: error: ") and ("hash" in error or "weights" in error)
+    assert "[bench] timing" not in stderr and "Traceback" not in stderr
+    assert not report.exists()
+
+
+def test_bench_pruned_runtime_needs_a_plan(capsys):
+    code, _, stderr = _main(capsys, "bench", DEIT, "--runtimes", "tvm-pruned")
+    assert code == 2 and "need a pruning plan: add --plan" in stderr
 
 
 def test_demo_prints_the_comparison(capsys):

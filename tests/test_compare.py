@@ -1,14 +1,25 @@
-"""bench(): PyTorch eager, ONNX Runtime and TVM on a tiny ViT, and the report's JSON/markdown."""
+"""bench(): PyTorch eager, ONNX Runtime and TVM on a tiny ViT (dense, and pruned by a plan), and
+the report's JSON/markdown."""
 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
 
+from vitsparse.errors import PlanError
 from vitsparse.frontend.testing import tiny_vit
-from vitsparse.report import DEFAULT_RUNTIMES, BenchReport, bench, write_text_atomic
+from vitsparse.plan import apply_plan_to_torch
+from vitsparse.pruning import block_mask_plan
+from vitsparse.report import (
+    DEFAULT_RUNTIMES,
+    PRUNED_RUNTIMES,
+    BenchReport,
+    bench,
+    write_text_atomic,
+)
 
 TOLERANCE = 1e-4
 
@@ -138,3 +149,60 @@ def test_write_text_atomic_leaves_no_temporaries(tmp_path):
     plain = tmp_path / "plain.txt"
     plain.write_text("x")
     assert path.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777  # umask, not 0600
+
+
+# --- with a pruning plan -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pruned_setup():
+    model = tiny_vit(depth=2, embed_dim=64, num_heads=4)
+    plan = block_mask_plan(model, model_id="tiny_vit", block=(16, 16), keep=0.5)
+    lines: list[str] = []
+    report = bench(model, threads=2, repeat=2, number=1, plan=plan, progress=lines.append)
+    return model, plan, report, lines
+
+
+def test_plan_adds_the_pruned_rows(pruned_setup):
+    model, plan, report, _ = pruned_setup
+    assert [r.runtime for r in report.rows] == [*DEFAULT_RUNTIMES, *PRUNED_RUNTIMES]
+    assert all(row.status == "ok" for row in report.rows)
+    assert report.row("torch-pruned").max_abs_err_vs_torch == 0.0  # it is the pruned reference
+    assert report.row("tvm-pruned").max_abs_err_vs_torch <= TOLERANCE
+    x = torch.randn(1, 3, 32, 32)
+    with torch.inference_mode():
+        assert (apply_plan_to_torch(model, plan)(x) - model(x)).abs().max() > 1e-3
+
+
+def test_pruned_rows_details_and_speedups(pruned_setup):
+    _, _, report, lines = pruned_setup
+    detail = report.row("tvm-pruned").detail
+    assert re.search(r"\d+ layers BSR, \d+ dense \(break-even measured\)", detail), detail
+    assert "error vs torch-pruned" in detail
+    assert "mean density 0.500" in report.row("torch-pruned").detail
+    assert set(report.speedup) == {
+        "tvm-dense vs torch-eager",
+        "tvm-dense vs onnxruntime",
+        "tvm-pruned vs tvm-dense",
+        "tvm-pruned vs torch-eager",
+    }
+    tvm_ms = report.row("tvm-dense").median_ms
+    pruned_ms = report.row("tvm-pruned").median_ms
+    assert report.speedup["tvm-pruned vs tvm-dense"] == pytest.approx(tvm_ms / pruned_ms)
+    assert "measured against torch-pruned's output" in report.to_markdown()
+    assert any("compiling VisionTransformer with the pruning plan" in line for line in lines)
+    assert BenchReport.from_json(json.loads(json.dumps(report.to_json()))) == report
+
+
+def test_plan_for_other_weights_fails_before_timing(tmp_path):
+    other = tiny_vit(depth=2, embed_dim=64, num_heads=4, seed=1)
+    path = block_mask_plan(other, model_id="tiny_vit", block=(16, 16)).save(tmp_path / "p.json")
+    lines: list[str] = []
+    with pytest.raises(PlanError, match="other weights"):
+        bench(tiny_vit(depth=2), plan=path, include=("tvm-pruned",), progress=lines.append)
+    assert not [line for line in lines if "timing" in line or "compiling" in line]
+
+
+def test_pruned_row_without_a_plan():
+    with pytest.raises(ValueError, match="tvm-pruned.*need a pruning plan"):
+        bench(tiny_vit(depth=1), include=("torch-eager", "tvm-pruned"), progress=None)

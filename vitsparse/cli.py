@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from vitsparse.errors import ArtifactError, ModelError, VitsparseError
+from vitsparse.errors import ArtifactError, ModelError, PlanError, VitsparseError
 
 DEMO_MODEL = "deit_tiny_patch16_224"
 EXIT_USAGE = 2
@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     _target_args(p)
     p.add_argument("--db", metavar="DIR", help="tuning database root (from `vitsparse tune`)")
     p.add_argument("--dump-ir", metavar="DIR", help="write the module after each phase here")
+    p.add_argument("--plan", metavar="PLAN.json", help="compile the model pruned by this plan")
     p.add_argument("-o", "--output", metavar="OUTDIR", required=True, help="artifact directory")
     p.set_defaults(run=_compile)
 
@@ -62,7 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--runtimes",
         type=_runtime_list,
         metavar="R1,R2",
-        help="runtimes to compare, comma-separated (default: torch-eager,onnxruntime,tvm-dense)",
+        help="runtimes to compare, comma-separated (default: torch-eager,onnxruntime,tvm-dense, "
+        "then torch-pruned,tvm-pruned with --plan)",
+    )
+    p.add_argument(
+        "--plan", metavar="PLAN.json", help="pruning plan (`vitsparse prune`) for the pruned rows"
     )
     p.add_argument("--json", type=_output_file, metavar="FILE", help="write the report as JSON")
     p.add_argument("--markdown", type=_output_file, metavar="FILE", help="write it as markdown")
@@ -137,6 +142,7 @@ def _compile(args: argparse.Namespace) -> None:
         pretrained=args.pretrained,
         cuda_arch=args.cuda_arch,
         db=args.db,
+        plan=args.plan,
         dump_dir=args.dump_ir,
     )
     compiled.export(outdir)
@@ -152,14 +158,23 @@ def _compile(args: argparse.Namespace) -> None:
     print(f"target    {compiled.spec.name} -> {compiled.spec.key}")
     print(f"          {json.dumps(compiled.spec.to_json()['target'])}")
     print(f"tuned     {tuned}")
+    if compiled.plan is not None:
+        from vitsparse.report import sparsity_summary
+
+        plan = compiled.plan
+        print(f"plan      {args.plan} ({plan.method}, mean density {plan.mean_density:.3f})")
+        print(f"sparsity  {sparsity_summary(compiled)}")
     print(f"artifact  {outdir} ({files})")
     if not compiled.spec.runs_locally:
         print("note      this machine cannot run the artifact; copy it to the device")
 
 
 def _bench(args: argparse.Namespace) -> None:
-    from vitsparse.report import DEFAULT_RUNTIMES, bench
+    from vitsparse.report import PRUNED_RUNTIMES, bench
 
+    pruned = [name for name in args.runtimes or () if name in PRUNED_RUNTIMES]
+    if pruned and args.plan is None:
+        raise PlanError(f"runtime(s) {', '.join(pruned)} need a pruning plan: add --plan PLAN.json")
     report = bench(
         _model_source(args.model),
         target=args.target,
@@ -171,7 +186,8 @@ def _bench(args: argparse.Namespace) -> None:
         checkpoint=args.checkpoint,
         pretrained=args.pretrained,
         cuda_arch=args.cuda_arch,
-        include=args.runtimes or DEFAULT_RUNTIMES,
+        include=args.runtimes,
+        plan=args.plan,
         progress=_say,
     )
     print(report.table())

@@ -3,10 +3,12 @@
 Every runtime gets the same seeded random input, the same thread count and the same timing
 scheme as TVM's time_evaluator (``repeat`` samples, each the mean of ``number`` runs, after a
 warm-up), and its output is checked against a reference: PyTorch's output, or ONNX Runtime's
-when the model came in as an ONNX file.
+when the model came in as an ONNX file. With a pruning plan, two more rows: the plan applied to
+the PyTorch model (torch-pruned) and the pruned TVM build (tvm-pruned), both checked against
+torch-pruned's output.
 
-A runtime is one entry of ``_RUNNERS`` (name -> function of the shared ``_Session``); a new row,
-such as a pruned model, is a new function there.
+A runtime is one entry of ``_RUNNERS`` (name -> function of the shared ``_Session``); a new row
+is a new function there.
 """
 
 from __future__ import annotations
@@ -21,19 +23,25 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from vitsparse._io import write_text_atomic
 from vitsparse.report.table import (
     ONNXRUNTIME,
+    PRUNED_RUNTIMES,
     STATUS_OK,
     TORCH_EAGER,
+    TORCH_PRUNED,
     TVM_DENSE,
+    TVM_PRUNED,
     BenchReport,
     BenchRow,
 )
+
+if TYPE_CHECKING:
+    from vitsparse.plan import PruningPlan
 
 DEFAULT_RUNTIMES = (TORCH_EAGER, ONNXRUNTIME, TVM_DENSE)
 ONNX_OPSET = 18
@@ -54,8 +62,9 @@ def bench(
     checkpoint: str | Path | None = None,
     pretrained: bool = False,
     cuda_arch: str | None = None,
-    include: Sequence[str] = DEFAULT_RUNTIMES,
+    include: Sequence[str] | None = None,
     seed: int = 0,
+    plan: PruningPlan | str | Path | None = None,
     progress: Progress | None = print,
 ) -> BenchReport:
     """Time ``source`` under each runtime in ``include`` and check their outputs.
@@ -75,18 +84,29 @@ def bench(
     db
         Tuning-database root for the TVM build.
     include
-        Runtimes to run, in order; see :data:`DEFAULT_RUNTIMES`.
+        Runtimes to run, in order; default :data:`DEFAULT_RUNTIMES`, then :data:`PRUNED_RUNTIMES`
+        when ``plan`` is given.
+    plan
+        A ``PruningPlan`` or the path of its JSON file, for the pruned rows: torch-pruned (the
+        plan applied to the PyTorch model) and tvm-pruned (compiled with the plan). Their errors
+        are measured against torch-pruned's output. The plan must match the model's weights.
     progress
         Called with one line per step (``None`` for silence).
 
     Raises
     ------
     ValueError
-        An unknown runtime in ``include`` or a non-positive count.
+        An unknown runtime in ``include``, a pruned runtime without ``plan``, or a non-positive
+        count.
     VitsparseError
-        The model, target or database cannot be used (raised before any timing starts).
+        The model, target, database or plan cannot be used (raised before any timing starts).
     """
+    if include is None:
+        include = DEFAULT_RUNTIMES + (PRUNED_RUNTIMES if plan is not None else ())
     include = _check_include(include)
+    pruned_rows = [name for name in include if name in PRUNED_RUNTIMES]
+    if pruned_rows and plan is None:
+        raise ValueError(f"runtime(s) {pruned_rows} need a pruning plan; pass plan=")
     threads = threads if threads is not None else (os.cpu_count() or 1)
     for name, value in (("batch", batch), ("threads", threads), ("repeat", repeat)):
         if value < 1:
@@ -97,14 +117,18 @@ def bench(
 
     from vitsparse.compiler import open_database
     from vitsparse.frontend import import_model
+    from vitsparse.plan import PruningPlan
     from vitsparse.targets import resolve_target
 
     spec = resolve_target(target, cuda_arch=cuda_arch)
     if any(name.startswith("tvm-") for name in include):
         open_database(db, spec)  # a bad database fails now, not after the other runtimes
+    if plan is not None and not isinstance(plan, PruningPlan):
+        plan = PruningPlan.load(plan)  # so does a bad plan file
     label = source if isinstance(source, str | Path) else type(source).__name__
     say(f"[bench] importing {label} (batch {batch}) ...")
     imported = import_model(source, batch=batch, checkpoint=checkpoint, pretrained=pretrained)
+    pruned_model = _pruned_torch_model(imported, plan) if plan is not None else None
     x = np.random.default_rng(seed).standard_normal(imported.input_shape, dtype=np.float32)
     with contextlib.ExitStack() as stack:
         session = _Session(
@@ -116,8 +140,12 @@ def bench(
             db=db,
             say=say,
             tmpdir=Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="vitsparse-"))),
+            plan=plan,
+            pruned_model=pruned_model,
         )
         session.reference_name, session.reference = _reference(session)
+        if pruned_model is not None:
+            session.pruned_reference = _torch_output(session, pruned_model)
         rows = tuple(_RUNNERS[name](session) for name in include)
     return BenchReport(
         model=imported.model_id,
@@ -189,10 +217,14 @@ class _Session:
     tmpdir: Path
     reference_name: str = TORCH_EAGER
     reference: np.ndarray | None = None
+    plan: Any = None  # PruningPlan
+    pruned_model: Any = None  # torch.nn.Module with the plan's masks applied
+    pruned_reference: np.ndarray | None = None  # its output: the pruned rows' reference
     _onnx: tuple[Path, str] | None = field(default=None, repr=False)
 
-    def error(self, out: np.ndarray) -> float:
-        return float(np.max(np.abs(np.asarray(out, np.float32) - self.reference)))
+    def error(self, out: np.ndarray, *, pruned: bool = False) -> float:
+        reference = self.pruned_reference if pruned else self.reference
+        return float(np.max(np.abs(np.asarray(out, np.float32) - reference)))
 
     def onnx_file(self) -> tuple[Path, str]:
         """(ONNX path, how it was made): the source file, or the torch model exported once."""
@@ -208,33 +240,66 @@ class _Session:
 def _reference(session: _Session) -> tuple[str, np.ndarray]:
     model = session.imported.torch_model
     if model is not None:
-        import torch
-
-        with _torch_threads(session.threads), torch.inference_mode():
-            return TORCH_EAGER, model(torch.from_numpy(session.x)).numpy()
+        return TORCH_EAGER, _torch_output(session, model)
     with _ort_session(session) as (run, _):
         return ONNXRUNTIME, run()
+
+
+def _torch_output(session: _Session, model) -> np.ndarray:
+    import torch
+
+    with _torch_threads(session.threads), torch.inference_mode():
+        return model(torch.from_numpy(session.x)).numpy()
+
+
+def _pruned_torch_model(imported, plan):
+    """The PyTorch model with the plan's masks applied (PlanError if the plan does not fit)."""
+    from vitsparse.errors import PlanError
+    from vitsparse.plan import apply_plan_to_torch
+
+    if imported.torch_model is None:
+        raise PlanError(
+            "a pruning plan needs the PyTorch model (its reference output and weights hash); "
+            "ONNX input has none: give the timm name (and --checkpoint) instead"
+        )
+    return apply_plan_to_torch(imported.torch_model, plan)
 
 
 def _run_torch(session: _Session) -> BenchRow:
     model = session.imported.torch_model
     if model is None:
         return BenchRow.not_run(TORCH_EAGER, "cpu", "ONNX input has no PyTorch model")
+    return _time_torch(session, TORCH_EAGER, model, f"torch {_version('torch')}, inference_mode")
+
+
+def _run_torch_pruned(session: _Session) -> BenchRow:
+    plan = session.plan
+    detail = (
+        f"torch {_version('torch')}, inference_mode; weights masked by the plan ({plan.method}, "
+        f"{plan.budget.get('blocks')} blocks, mean density {plan.mean_density:.3f}); the "
+        "reference of the pruned rows"
+    )
+    return _time_torch(session, TORCH_PRUNED, session.pruned_model, detail, pruned=True)
+
+
+def _time_torch(
+    session: _Session, runtime: str, model, detail: str, *, pruned: bool = False
+) -> BenchRow:
     import torch
 
-    session.say(f"[bench] timing {TORCH_EAGER} ({session.threads} threads) ...")
+    session.say(f"[bench] timing {runtime} ({session.threads} threads) ...")
     x = torch.from_numpy(session.x)
     with _torch_threads(session.threads), torch.inference_mode():
         out = model(x).numpy()
         latency = session.timing.measure(lambda: model(x))
     return BenchRow(
-        runtime=TORCH_EAGER,
+        runtime=runtime,
         device="cpu",
         status=STATUS_OK,
         latency_ms=latency,
         repeats=session.timing.repeat,
-        max_abs_err_vs_torch=session.error(out),
-        detail=f"torch {_version('torch')}, inference_mode",
+        max_abs_err_vs_torch=session.error(out, pruned=pruned),
+        detail=detail,
     )
 
 
@@ -255,45 +320,77 @@ def _run_onnxruntime(session: _Session) -> BenchRow:
 
 
 def _run_tvm_dense(session: _Session) -> BenchRow:
+    return _run_tvm(session, TVM_DENSE)
+
+
+def _run_tvm_pruned(session: _Session) -> BenchRow:
+    return _run_tvm(session, TVM_PRUNED, plan=session.plan)
+
+
+def _run_tvm(session: _Session, runtime: str, plan=None) -> BenchRow:
     from vitsparse.compiler import compile_imported, set_num_threads
+    from vitsparse.errors import TargetError
 
     spec, model_id = session.spec, session.imported.model_id
-    session.say(f"[bench] compiling {model_id} for {spec.name} ({spec.key}) ...")
+    pruned = " with the pruning plan" if plan is not None else ""
+    session.say(f"[bench] compiling {model_id}{pruned} for {spec.name} ({spec.key}) ...")
     start = time.perf_counter()
-    compiled = compile_imported(session.imported, target=spec, db=session.db)
+    try:
+        compiled = compile_imported(session.imported, target=spec, db=session.db, plan=plan)
+    except TargetError as err:  # no block-sparse kernels for this target family
+        if plan is None:
+            raise
+        return BenchRow.not_run(runtime, spec.device_type, str(err))
     detail = (
         f"compiled in {time.perf_counter() - start:.1f} s, "
         f"{compiled.tuned_kernels} kernels from the tuning database"
     )
+    if plan is not None:
+        detail += (
+            f"; {sparsity_summary(compiled)}; error vs {TORCH_PRUNED} (the same pruned weights)"
+        )
     if not spec.runs_locally:
         where = "a CUDA GPU" if spec.device_type == "cuda" else "a matching CPU"
         return BenchRow.not_run(
-            TVM_DENSE,
+            runtime,
             spec.device_type,
             f"target {spec.key} needs {where}; this machine cannot run it",
             detail,
         )
     if spec.device_type == "cpu":
         set_num_threads(session.threads)
-    session.say(f"[bench] timing {TVM_DENSE} ({session.threads} threads) ...")
+    session.say(f"[bench] timing {runtime} ({session.threads} threads) ...")
     out = compiled.run(session.x)
     t = session.timing
     stats = compiled.time(session.x, repeat=t.repeat, number=t.number, warmup=t.warmup)
     return BenchRow(
-        runtime=TVM_DENSE,
+        runtime=runtime,
         device=spec.device_type,
         status=STATUS_OK,
         latency_ms={"median": stats.median_ms, "min": stats.min_ms, "max": stats.max_ms},
         repeats=stats.repeats,
-        max_abs_err_vs_torch=session.error(out),
+        max_abs_err_vs_torch=session.error(out, pruned=plan is not None),
         detail=detail,
     )
+
+
+def sparsity_summary(compiled) -> str:
+    """How a pruned CompiledModel's masked layers were compiled, e.g. ``"48 layers BSR, 0 dense
+    (break-even measured)"``."""
+    kernels = [d["kernel"] for d in compiled.sparsity_decisions]
+    spec = compiled.spec
+    # compiler._break_even: measured only where the target runs here (CPU); else every layer BSR
+    measured = spec.runs_locally and spec.schedule_family == "cpu"
+    how = "break-even measured" if measured else "break-even not measured: all masked layers BSR"
+    return f"{kernels.count('bsr')} layers BSR, {kernels.count('dense')} dense ({how})"
 
 
 _RUNNERS: Mapping[str, Callable[[_Session], BenchRow]] = {
     TORCH_EAGER: _run_torch,
     ONNXRUNTIME: _run_onnxruntime,
     TVM_DENSE: _run_tvm_dense,
+    TORCH_PRUNED: _run_torch_pruned,
+    TVM_PRUNED: _run_tvm_pruned,
 }
 
 KNOWN_RUNTIMES: tuple[str, ...] = tuple(_RUNNERS)
@@ -417,9 +514,11 @@ def _cpu_model() -> str:
 __all__ = [
     "DEFAULT_RUNTIMES",
     "KNOWN_RUNTIMES",
+    "PRUNED_RUNTIMES",
     "BenchReport",
     "BenchRow",
     "bench",
     "host_info",
+    "sparsity_summary",
     "write_text_atomic",
 ]

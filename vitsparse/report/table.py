@@ -10,6 +10,11 @@ from typing import Any
 TORCH_EAGER = "torch-eager"
 ONNXRUNTIME = "onnxruntime"
 TVM_DENSE = "tvm-dense"
+TORCH_PRUNED = "torch-pruned"
+TVM_PRUNED = "tvm-pruned"
+PRUNED_RUNTIMES = (TORCH_PRUNED, TVM_PRUNED)  # errors measured against torch-pruned's output
+# Speedups of the pruned TVM model, beyond every dense TVM row vs every dense baseline.
+_PRUNED_SPEEDUPS = ((TVM_PRUNED, TVM_DENSE), (TVM_PRUNED, TORCH_EAGER))
 STATUS_OK = "ok"
 _ALIGN = "llrrrrrrl"  # runtime, device, 6 numbers, status
 
@@ -68,6 +73,8 @@ class BenchReport:
 
     ``reference`` names the runtime whose output the errors are measured against: torch-eager,
     or onnxruntime for an ONNX model (the row field keeps the name ``max_abs_err_vs_torch``).
+    The pruned rows (torch-pruned, tvm-pruned) are measured against torch-pruned's output, the
+    same pruned weights.
     """
 
     model: str
@@ -93,16 +100,16 @@ class BenchReport:
 
     @property
     def speedup(self) -> dict[str, float]:
-        """``"<tvm row> vs <baseline>"`` -> baseline median / TVM median, for every TVM row and
-        non-TVM baseline that both ran (above 1: TVM is faster)."""
-        ran = [r for r in self.rows if r.ran and r.median_ms]
-        return {
-            f"{t.runtime} vs {b.runtime}": b.median_ms / t.median_ms
-            for t in ran
-            if t.runtime.startswith("tvm-")
-            for b in ran
-            if not b.runtime.startswith("tvm-")
-        }
+        """``"<tvm row> vs <baseline>"`` -> baseline median / TVM median (above 1: TVM is
+        faster), for every pair of rows that both ran: each dense TVM row vs each dense non-TVM
+        baseline, then tvm-pruned vs tvm-dense and vs torch-eager."""
+        ran = {r.runtime: r.median_ms for r in self.rows if r.ran and r.median_ms}
+        dense = [name for name in ran if name not in PRUNED_RUNTIMES]
+        pairs = [
+            (t, b) for t in dense if t.startswith("tvm-") for b in dense if not b.startswith("tvm-")
+        ]
+        pairs += [(t, b) for t, b in _PRUNED_SPEEDUPS if t in ran and b in ran]
+        return {f"{t} vs {b}": ran[b] / ran[t] for t, b in pairs}
 
     def to_json(self) -> dict:
         return {
@@ -218,6 +225,12 @@ class BenchReport:
             notes.append(
                 f"errors are measured against {self.reference}'s output (ONNX input: no "
                 "PyTorch model to compare with)"
+            )
+        pruned = [name for name in self._names() if name in PRUNED_RUNTIMES]
+        if pruned:
+            notes.append(
+                f"{', '.join(pruned)}: errors are measured against {TORCH_PRUNED}'s output (the "
+                f"same pruned weights), not {self.reference}'s"
             )
         notes += [f"{r.runtime}: {r.detail}" for r in self.rows if r.detail]
         return notes
