@@ -45,6 +45,11 @@ class Kernel:
     def is_dense(self) -> bool:
         return dense.is_dense_kernel(self.func)
 
+    @property
+    def takes_indices(self) -> bool:
+        """Whether an input is an int32/int64 buffer (gather indices and the like)."""
+        return any(str(p.dtype) in ("int32", "int64") for p in self.func.params[:-1])
+
     def workload(self) -> IRModule:
         return IRModule({"main": self.func.with_attr("global_symbol", "main")})
 
@@ -200,7 +205,15 @@ def tune(
     mod = pipeline.optimize(
         pipeline.bind_params(imported.mod, imported.params), config, stop_before="schedule"
     )
-    kernels = extract_kernels(mod)
+    kernels = []
+    for kernel in extract_kernels(mod):
+        if kernel.takes_indices:
+            say(
+                f"[tune] {kernel.name}: not tuned (it reads index inputs, and measuring it on "
+                "random indices would read out of bounds); it keeps its hand-written schedule"
+            )
+        else:
+            kernels.append(kernel)
     budget = trials if trials is not None else DEFAULT_TRIALS_PER_KERNEL * len(kernels)
     database = open_target_database(db, spec, create=True)
     directory = target_dir(db, spec)
