@@ -21,11 +21,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _common import add_common_args, reproduce_block
 
 from vitsparse.compiler import compile_model
 from vitsparse.report import BenchReport, bench, host_info, write_text_atomic
 
-REPO = Path(__file__).resolve().parents[1]
 MODELS = ("deit_tiny_patch16_224", "deit_small_patch16_224")
 BATCHES = (1, 8)
 TARGET = "x86"
@@ -85,12 +85,7 @@ def _markdown(reports: list[BenchReport], command: str, date: str, threads: int,
         f"- date: {date}",
         "- latency: median of `repeat` samples, each the mean of `number` runs, after warm-up;"
         " random weights, one seeded random input per model and batch",
-        "- reproduce with:",
-        "",
-        "```",
-        command,
-        "```",
-        "",
+        *reproduce_block(command),
         "| model | batch | torch-eager ms | onnxruntime ms | tvm-dense ms | tvm / torch |",
         "| ----- | ----: | -------------: | -------------: | -----------: | ----------: |",
     ]
@@ -152,17 +147,14 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=list(MODELS), metavar="NAME")
     p.add_argument("--batches", nargs="+", type=int, default=list(BATCHES), metavar="B")
-    p.add_argument("--repeat", type=int, default=10, help="timing samples (default 10)")
-    p.add_argument("--number", type=int, default=5, help="runs per sample (default 5)")
-    p.add_argument("--threads", type=int, help="default: os.cpu_count()")
     p.add_argument("--db", metavar="DIR", help="tuning database root (`vitsparse tune`)")
-    p.add_argument("--outdir", default=str(REPO / "docs" / "results"), metavar="DIR")
     p.add_argument(
         "--no-profile",
         dest="profile",
         action="store_false",
         help="skip the per-kernel profile of each model at batch 1",
     )
+    add_common_args(p, number=5)
     return p
 
 

@@ -19,12 +19,13 @@ import sys
 import time
 from pathlib import Path
 
+from _common import add_common_args, reproduce_block
+
 from vitsparse._io import write_text_atomic
 from vitsparse.frontend import load_torch_model
 from vitsparse.pruning import block_mask_plan, parse_block_spec
 from vitsparse.report import bench, host_info
 
-REPO = Path(__file__).resolve().parents[1]
 RUNTIMES = ("torch-eager", "torch-pruned", "tvm-dense", "tvm-pruned")
 STEM = "pruned_x86"
 
@@ -85,12 +86,7 @@ def _markdown(runs, command, date, threads, host) -> str:
         "the masked model in PyTorch (dense kernels on zeroed weights), and the reference that "
         "tvm-pruned is checked against",
         "- latency: median of `repeat` samples, each the mean of `number` runs, after warm-up",
-        "- reproduce with:",
-        "",
-        "```",
-        command,
-        "```",
-        "",
+        *reproduce_block(command),
         "| model | blocks:keep | mask | torch-eager ms | torch-pruned ms | tvm-dense ms "
         "| tvm-pruned ms | pruned vs tvm-dense | pruned vs torch-eager | max err vs torch-pruned |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -116,10 +112,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--methods", nargs="+", default=["random", "magnitude"], choices=["random", "magnitude"]
     )
-    p.add_argument("--repeat", type=int, default=10)
-    p.add_argument("--number", type=int, default=5)
-    p.add_argument("--threads", type=int, help="default: os.cpu_count()")
-    p.add_argument("--outdir", default=str(REPO / "docs" / "results"), metavar="DIR")
+    add_common_args(p, number=5)
     return p
 
 

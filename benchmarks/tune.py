@@ -22,13 +22,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _common import add_common_args, reproduce_block
 
 from vitsparse.compiler import compile_imported, set_num_threads
 from vitsparse.frontend import import_model
 from vitsparse.report import host_info, write_text_atomic
 from vitsparse.schedules.tuning import tune
 
-REPO = Path(__file__).resolve().parents[1]
 TARGET = "x86"
 STEM = "tune_x86"
 
@@ -89,12 +89,7 @@ def _markdown(results, command, date, threads, host) -> str:
         "kernel's best record, the hand schedule included as a record)",
         f"- latency: median over {results[0]['rounds']} interleaved rounds (torch, hand, tuned), "
         "each round the median of `repeat` samples of `number` runs; batch 1",
-        "- reproduce with:",
-        "",
-        "```",
-        command,
-        "```",
-        "",
+        *reproduce_block(command),
         "| model | budget (trials) | tuning time | kernels | torch ms | tvm-hand ms | tvm-tuned ms "
         "| tuned / hand | tuned / torch |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -157,10 +152,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=int, help="total budget per model (default: tune's default)")
     p.add_argument("--db", metavar="DIR", help="database root to continue (default: a fresh one)")
     p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (default 5)")
-    p.add_argument("--repeat", type=int, default=10)
-    p.add_argument("--number", type=int, default=3)
-    p.add_argument("--threads", type=int, help="default: os.cpu_count()")
-    p.add_argument("--outdir", default=str(REPO / "docs" / "results"), metavar="DIR")
+    add_common_args(p, number=3)
     return p
 
 
