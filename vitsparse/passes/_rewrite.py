@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from vitsparse._tvm import IRModule, relax
+import numpy as np
+
+from vitsparse._tvm import IRModule, relax, tvm
 
 
 def copy_module(mod: IRModule) -> IRModule:
@@ -24,3 +26,25 @@ def rewrite_relax_functions(mod: IRModule, make_mutator: Callable) -> IRModule:
         out = copy_module(mutator.builder_.get())
         out[gvar] = relax.analysis.remove_all_unused(new_func)
     return out
+
+
+def bound_value(mutator: relax.PyExprMutator, expr):
+    """What a dataflow var is bound to (seen through the mutator's builder), else ``expr``."""
+    if isinstance(expr, relax.Var):
+        value = mutator.lookup_binding(expr)
+        if value is not None:
+            return value
+    return expr
+
+
+def op_call(expr, name: str):
+    """``expr`` if it is a call of the Relax operator ``name``, else None."""
+    if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op):
+        if expr.op.same_as(tvm.ir.Op.get(name)):
+            return expr
+    return None
+
+
+def const_array(expr) -> np.ndarray | None:
+    """The value of a Relax constant, else None."""
+    return expr.value.numpy() if isinstance(expr, tvm.ir.expr.Constant) else None

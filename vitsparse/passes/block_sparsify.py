@@ -19,11 +19,9 @@ from collections.abc import Callable
 import numpy as np
 
 from vitsparse._tvm import relax, struct_shape, tvm
-from vitsparse.passes._rewrite import rewrite_relax_functions
+from vitsparse.passes._rewrite import bound_value, const_array, op_call, rewrite_relax_functions
 from vitsparse.schedules import bsr
 
-Constant = tvm.ir.expr.Constant
-_OP = tvm.ir.Op.get
 BreakEven = Callable[[int, int, int, tuple[int, int]], float]
 
 
@@ -34,23 +32,11 @@ class _BlockSparsifyMutator(relax.PyExprMutator):
         self.break_even = break_even
         self.decisions = decisions
 
-    def _bound(self, expr):
-        if isinstance(expr, relax.Var):
-            value = self.lookup_binding(expr)
-            if value is not None:
-                return value
-        return expr
-
     def _call(self, expr, name):
-        expr = self._bound(expr)
-        if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op):
-            if expr.op.same_as(_OP(name)):
-                return expr
-        return None
+        return op_call(bound_value(self, expr), name)
 
     def _const(self, expr):
-        expr = self._bound(expr)
-        return expr.value.numpy() if isinstance(expr, Constant) else None
+        return const_array(bound_value(self, expr))
 
     def _masked_weight(self, expr):
         """(weight (N, K), kept bitmap, block) of an annotated weight, else None."""
@@ -73,7 +59,7 @@ class _BlockSparsifyMutator(relax.PyExprMutator):
 
     def visit_call_(self, call):
         call = super().visit_call_(call)
-        add = call if isinstance(call.op, tvm.ir.Op) and call.op.same_as(_OP("relax.add")) else None
+        add = op_call(call, "relax.add")
         if add is None:
             return call
         for mm_arg, b_arg in ((add.args[0], add.args[1]), (add.args[1], add.args[0])):

@@ -20,12 +20,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from vitsparse._tvm import relax, struct_shape, tvm
-from vitsparse.passes._rewrite import rewrite_relax_functions
+from vitsparse.passes._rewrite import (
+    bound_value,
+    const_array,
+    op_call,
+    rewrite_relax_functions,
+)
 from vitsparse.schedules import dense
-
-Constant = tvm.ir.expr.Constant
-
-_OP = tvm.ir.Op.get
 
 
 @dataclass
@@ -36,12 +37,6 @@ class _Linear:
     out_shape: tuple[int, ...]
 
 
-def _const_array(expr) -> np.ndarray | None:
-    if isinstance(expr, Constant):
-        return expr.value.numpy()
-    return None
-
-
 @relax.expr_functor.mutator
 class _LowerLinearMutator(relax.PyExprMutator):
     def __init__(self, mod):
@@ -50,31 +45,27 @@ class _LowerLinearMutator(relax.PyExprMutator):
 
     # -- matching -----------------------------------------------------------------------------
     def _binding(self, expr):
-        if isinstance(expr, relax.Var):
-            bound = self.lookup_binding(expr)
-            if bound is not None:
-                return bound
-        return expr
+        return bound_value(self, expr)
 
     def _is_call(self, expr, name):
-        return isinstance(expr, relax.Call) and expr.op.same_as(_OP(name))
+        return op_call(expr, name) is not None
 
     def _match_weight(self, rhs) -> np.ndarray | None:
         rhs = self._binding(rhs)
         if self._is_call(rhs, "relax.permute_dims"):
-            w = _const_array(self._binding(rhs.args[0]))
+            w = const_array(self._binding(rhs.args[0]))
             axes = rhs.attrs.axes
             if w is not None and w.ndim == 2 and (axes is None or [int(a) for a in axes] == [1, 0]):
                 return w
             return None
-        w_t = _const_array(rhs)
+        w_t = const_array(rhs)
         return None if w_t is None or w_t.ndim != 2 else np.ascontiguousarray(w_t.T)
 
     def _match_linear(self, call) -> _Linear | None:
         if not self._is_call(call, "relax.add"):
             return None
         for mm_arg, b_arg in ((call.args[0], call.args[1]), (call.args[1], call.args[0])):
-            bias = _const_array(self._binding(b_arg))
+            bias = const_array(self._binding(b_arg))
             mm = self._binding(mm_arg)
             if bias is None or not self._is_call(mm, "relax.matmul"):
                 continue
@@ -134,17 +125,17 @@ class _FuseGeluMutator(relax.PyExprMutator):
 
     def visit_call_(self, call):
         call = super().visit_call_(call)
-        if not (isinstance(call.op, tvm.ir.Op) and call.op.same_as(_OP("relax.nn.gelu"))):
+        if op_call(call, "relax.nn.gelu") is None:
             return call
         expr = call.args[0]
         while isinstance(expr, relax.Var):
             bound = self.lookup_binding(expr)
-            if isinstance(bound, relax.Call) and bound.op.same_as(_OP("relax.reshape")):
+            if op_call(bound, "relax.reshape") is not None:
                 expr = bound.args[0]
                 continue
             expr = bound
             break
-        if not (isinstance(expr, relax.Call) and expr.op.same_as(_OP("relax.call_tir"))):
+        if op_call(expr, "relax.call_tir") is None:
             return call
         shape = self.by_gvar.get(expr.args[0])
         if shape is None or shape.epilogue != "none":
