@@ -9,6 +9,7 @@ import re
 import pytest
 import torch
 
+from vitsparse._io import write_text_atomic
 from vitsparse.errors import PlanError
 from vitsparse.frontend.testing import tiny_vit
 from vitsparse.plan import apply_plan_to_torch
@@ -18,7 +19,6 @@ from vitsparse.report import (
     PRUNED_RUNTIMES,
     BenchReport,
     bench,
-    write_text_atomic,
 )
 
 TOLERANCE = 1e-4

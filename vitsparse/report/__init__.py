@@ -1,6 +1,7 @@
 """Reports: side-by-side latency of a ViT (dense or pruned) under PyTorch, ONNX Runtime and
 TVM."""
 
+from vitsparse._io import write_text_atomic
 from vitsparse.report.compare import (
     DEFAULT_RUNTIMES,
     KNOWN_RUNTIMES,
@@ -10,7 +11,6 @@ from vitsparse.report.compare import (
     bench,
     host_info,
     sparsity_summary,
-    write_text_atomic,
 )
 
 __all__ = [

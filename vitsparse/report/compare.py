@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from vitsparse._io import write_text_atomic
 from vitsparse.report.table import (
     ONNXRUNTIME,
     PRUNED_RUNTIMES,
@@ -222,6 +221,18 @@ class _Session:
     pruned_reference: np.ndarray | None = None  # its output: the pruned rows' reference
     _onnx: tuple[Path, str] | None = field(default=None, repr=False)
 
+    def ok_row(self, runtime, out, latency, *, detail, pruned=False, device="cpu", repeats=None):
+        """The row of a runtime that ran: its latency and its error against the reference."""
+        return BenchRow(
+            runtime=runtime,
+            device=device,
+            status=STATUS_OK,
+            latency_ms=latency,
+            repeats=self.timing.repeat if repeats is None else repeats,
+            max_abs_err_vs_torch=self.error(out, pruned=pruned),
+            detail=detail,
+        )
+
     def error(self, out: np.ndarray, *, pruned: bool = False) -> float:
         reference = self.pruned_reference if pruned else self.reference
         return float(np.max(np.abs(np.asarray(out, np.float32) - reference)))
@@ -292,15 +303,7 @@ def _time_torch(
     with _torch_threads(session.threads), torch.inference_mode():
         out = model(x).numpy()
         latency = session.timing.measure(lambda: model(x))
-    return BenchRow(
-        runtime=runtime,
-        device="cpu",
-        status=STATUS_OK,
-        latency_ms=latency,
-        repeats=session.timing.repeat,
-        max_abs_err_vs_torch=session.error(out, pruned=pruned),
-        detail=detail,
-    )
+    return session.ok_row(runtime, out, latency, detail=detail, pruned=pruned)
 
 
 def _run_onnxruntime(session: _Session) -> BenchRow:
@@ -308,15 +311,8 @@ def _run_onnxruntime(session: _Session) -> BenchRow:
         session.say(f"[bench] timing {ONNXRUNTIME} ({session.threads} threads) ...")
         out = run()
         latency = session.timing.measure(run)
-    return BenchRow(
-        runtime=ONNXRUNTIME,
-        device="cpu",
-        status=STATUS_OK,
-        latency_ms=latency,
-        repeats=session.timing.repeat,
-        max_abs_err_vs_torch=session.error(out),
-        detail=f"onnxruntime {_version('onnxruntime')} CPUExecutionProvider on {made_from}",
-    )
+    detail = f"onnxruntime {_version('onnxruntime')} CPUExecutionProvider on {made_from}"
+    return session.ok_row(ONNXRUNTIME, out, latency, detail=detail)
 
 
 def _run_tvm_dense(session: _Session) -> BenchRow:
@@ -363,14 +359,15 @@ def _run_tvm(session: _Session, runtime: str, plan=None) -> BenchRow:
     out = compiled.run(session.x)
     t = session.timing
     stats = compiled.time(session.x, repeat=t.repeat, number=t.number, warmup=t.warmup)
-    return BenchRow(
-        runtime=runtime,
-        device=spec.device_type,
-        status=STATUS_OK,
-        latency_ms={"median": stats.median_ms, "min": stats.min_ms, "max": stats.max_ms},
-        repeats=stats.repeats,
-        max_abs_err_vs_torch=session.error(out, pruned=plan is not None),
+    latency = {"median": stats.median_ms, "min": stats.min_ms, "max": stats.max_ms}
+    return session.ok_row(
+        runtime,
+        out,
+        latency,
         detail=detail,
+        pruned=plan is not None,
+        device=spec.device_type,
+        repeats=stats.repeats,
     )
 
 
@@ -509,16 +506,3 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-__all__ = [
-    "DEFAULT_RUNTIMES",
-    "KNOWN_RUNTIMES",
-    "PRUNED_RUNTIMES",
-    "BenchReport",
-    "BenchRow",
-    "bench",
-    "host_info",
-    "sparsity_summary",
-    "write_text_atomic",
-]
