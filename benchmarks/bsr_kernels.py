@@ -1,13 +1,15 @@
 """BSR kernel vs the dense kernel of the same shape, on this x86 machine.
 
 For deit_small's linear-layer shapes (M = 197 tokens, batch 1) and each block size, times the
-hand-scheduled dense kernel (schedules/dense.py, default knobs) and the BSR kernel
-(schedules/bsr.py) at a range of kept-block fractions (random masks, seeded), side by side in one
-process, and writes ``docs/results/bsr_x86.json``, ``docs/results/bsr_x86.md`` and the plot
+tuned dense kernel (schedules/dense.py: MetaSchedule's best record for the shape, tuned here with
+``--dense-trials`` trials into ``--db`` or a temporary database; the hand-written default is timed
+too) and the BSR kernel (schedules/bsr.py, hand-written default knobs) at a range of kept-block
+fractions (random masks, seeded), side by side in one process, and writes
+``docs/results/bsr_x86.json``, ``docs/results/bsr_x86.md`` and the plot
 ``docs/results/bsr_x86.png`` (speedup vs density, one curve per block size and shape).
 
     python benchmarks/bsr_kernels.py
-    python benchmarks/bsr_kernels.py --blocks 32x32 --densities 0.5 0.3 0.1
+    python benchmarks/bsr_kernels.py --blocks 32x32 --densities 0.5 0.3 0.1 --dense-trials 0
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import json
 import os
 import shlex
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,7 +29,8 @@ from vitsparse._io import write_text_atomic
 from vitsparse._tvm import Schedule, tvm
 from vitsparse.compiler import set_num_threads
 from vitsparse.report import host_info
-from vitsparse.schedules import bsr, dense
+from vitsparse.schedules import bsr, dense, tuning
+from vitsparse.schedules.database import open_target_database
 from vitsparse.targets import resolve_target
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,12 +44,25 @@ def _time(lib, args, *, number, repeat) -> float:
     return float(np.median(list(timer(*args).results)) * 1e3)
 
 
-def _dense_timer(m, k, n, target, rng, timing):
-    """A function that times the dense kernel of this shape (called beside every BSR timing)."""
+def _tuned_dense(shape, spec, db: Path, trials: int):
+    """The dense kernel's best schedule in ``db`` after tuning it (``trials`` in all, the hand
+    schedule's record included; records already there count), or None without trials."""
+    if trials <= 0:
+        return None
+    workload = dense.dense_primfunc(shape).with_attr("global_symbol", "main")
+    kernel = tuning.Kernel(f"dense_{shape.k}x{shape.n}", workload, 1)
+    database = open_target_database(db, spec, create=True)
+    tuning.tune_kernels([kernel], spec, database, trials, say=lambda msg: None)
+    return database.query_schedule(kernel.workload(), spec.target, workload_name="main")
+
+
+def _dense_timers(m, k, n, spec, rng, timing, db, trials):
+    """Functions timing the dense kernel of this shape: (tuned, hand-written default); the tuned
+    one is None without trials. The reference is called beside every BSR timing."""
     shape = dense.DenseShape(m, k, n, "none", dense.choose_row_tile(m))
-    sch = Schedule(dense.dense_primfunc(shape).with_attr("global_symbol", "main"))
-    dense.schedule_dense_cpu(sch, dense.default_knobs(shape))
-    lib = tvm.compile(sch.mod, target=target)
+    hand = Schedule(dense.dense_primfunc(shape).with_attr("global_symbol", "main"))
+    dense.schedule_dense_cpu(hand, dense.default_knobs(shape))
+    tuned = _tuned_dense(shape, spec, db, trials)
     w = rng.standard_normal((n, k), dtype=np.float32)
     arrays = [
         rng.standard_normal((m, k), dtype=np.float32),
@@ -54,11 +71,17 @@ def _dense_timer(m, k, n, target, rng, timing):
         np.zeros((m, n), np.float32),
     ]
     args = [tvm.runtime.tensor(a) for a in arrays]
-    lib["main"](*args)
-    return lambda: _time(lib, args, **timing)
+
+    def timer(sch):
+        lib = tvm.compile(sch.mod, target=spec.target)
+        lib["main"](*args)
+        return lambda: _time(lib, args, **timing)
+
+    return (None if tuned is None else timer(tuned)), timer(hand)
 
 
-def _bsr_ms(m, k, n, block, density, target, rng, timing) -> tuple[float, float]:
+def _bsr_timer(m, k, n, block, density, target, rng, timing):
+    """(function timing the checked BSR kernel at this density, the actual density)."""
     rows, cols = block
     grid = (n // rows, k // cols)
     kept = np.zeros(grid[0] * grid[1], dtype=bool)
@@ -68,7 +91,8 @@ def _bsr_ms(m, k, n, block, density, target, rng, timing) -> tuple[float, float]
     weight = bsr.to_bsr(w, kept, block)
     x = rng.standard_normal((m, k), dtype=np.float32)
     b = rng.standard_normal(n, dtype=np.float32)
-    lib = tvm.compile(bsr.bsr_primfunc(m, weight).with_attr("global_symbol", "main"), target=target)
+    shape = bsr.BSRShape.of(m, weight, target=target)
+    lib = tvm.compile(bsr.scheduled_cpu(shape, target), target=target)
     y = np.zeros((m, n), np.float32)
     args = [tvm.runtime.tensor(a) for a in (x, weight.data, weight.indices, weight.indptr, b, y)]
     lib["main"](*args)
@@ -76,7 +100,7 @@ def _bsr_ms(m, k, n, block, density, target, rng, timing) -> tuple[float, float]
     err = float(np.abs(args[-1].numpy() - (x @ masked.T + b)).max())
     if err > 1e-3:
         raise AssertionError(f"BSR kernel wrong for {k}x{n} {rows}x{cols} @ {density}: {err}")
-    return _time(lib, args, **timing), weight.density
+    return (lambda: _time(lib, args, **timing)), weight.density
 
 
 def _break_even(points: list[tuple[float, float]]) -> float | None:
@@ -126,19 +150,27 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     threads = args.threads or os.cpu_count() or 1
     set_num_threads(threads)
-    target = resolve_target("x86").target
+    spec = resolve_target("x86")
+    target = spec.target
     timing = {"number": args.number, "repeat": args.repeat}
     rng = np.random.default_rng(args.seed)
     blocks = [tuple(int(v) for v in b.split("x")) for b in args.blocks]
     results, dense_rows = [], []
+    scratch = tempfile.TemporaryDirectory(prefix="vitsparse-bench-db-")
+    db = Path(args.db) if args.db else Path(scratch.name)
     for k, n in SHAPES:
-        dense_timer = _dense_timer(args.m, k, n, target, rng, timing)
-        shape_dense = []
+        print(f"{k}x{n}: dense kernel ({args.dense_trials} tuning trials)", file=sys.stderr)
+        tuned_timer, hand_timer = _dense_timers(
+            args.m, k, n, spec, rng, timing, db, args.dense_trials
+        )
+        dense_timer = tuned_timer or hand_timer
         for block in blocks:
             for density in args.densities:
-                ms, actual = _bsr_ms(args.m, k, n, block, density, target, rng, timing)
-                dense_ms = dense_timer()  # measured right after the BSR kernel, every time
-                shape_dense.append(dense_ms)
+                bsr_timer, actual = _bsr_timer(args.m, k, n, block, density, target, rng, timing)
+                # Alternating pairs, medians of each side: one noisy sample cannot make a point.
+                pairs = [(bsr_timer(), dense_timer()) for _ in range(args.pairs)]
+                ms = float(np.median([p[0] for p in pairs]))
+                dense_ms = float(np.median([p[1] for p in pairs]))
                 results.append(
                     {
                         "shape": f"{k}x{n}",
@@ -155,6 +187,15 @@ def main(argv: list[str] | None = None) -> int:
                     file=sys.stderr,
                     flush=True,
                 )
+        pairs = [(dense_timer(), hand_timer()) for _ in range(args.pairs)]
+        dense_rows.append(
+            {
+                "shape": f"{k}x{n}",
+                "reference_ms": float(np.median([p[0] for p in pairs])),
+                "hand_ms": float(np.median([p[1] for p in pairs])),
+                "tuned": tuned_timer is not None,
+            }
+        )
     break_even = {
         f"{s}/{b}": _break_even(
             [(r["density"], r["speedup"]) for r in results if r["shape"] == s and r["block"] == b]
@@ -169,10 +210,13 @@ def main(argv: list[str] | None = None) -> int:
     outdir = Path(args.outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     _plot(results, outdir / f"{STEM}.png")
+    scratch.cleanup()
     suite = {
         "command": command,
         "date": date,
         "threads": threads,
+        "dense_trials": args.dense_trials,
+        "pairs": args.pairs,
         "m": args.m,
         "host": host_info(),
         "dense": dense_rows,
@@ -192,9 +236,15 @@ def _markdown(suite) -> str:
         "",
         f"- host: {host['cpu_model']} (LLVM `{host['llvm_cpu']}`, {host['simd']}), "
         f"{suite['threads']} threads; date {suite['date']}",
-        f"- M = {suite['m']} rows (deit_small tokens, batch 1); random block masks; dense = the "
-        "hand-scheduled packed dense kernel of the same shape, untuned, timed right after each "
-        "BSR kernel (each speedup is one side-by-side pair); times are medians of the repeats",
+        f"- M = {suite['m']} rows (deit_small tokens, batch 1); random block masks; dense = "
+        + (
+            f"the packed dense kernel of the same shape tuned by MetaSchedule "
+            f"({suite['dense_trials']} trials, the hand schedule's record among them)"
+            if suite["dense_trials"] > 0
+            else "the hand-scheduled packed dense kernel of the same shape, untuned"
+        )
+        + f", timed alternately with each BSR kernel ({suite['pairs']} pairs per point; each "
+        "time is the median of its side's samples); BSR = the hand-written default knobs",
         "- reproduce with:",
         "",
         "```",
@@ -202,6 +252,18 @@ def _markdown(suite) -> str:
         "```",
         "",
         "![speedup vs density](bsr_x86.png)",
+        "",
+        "## Dense reference per shape (tuned vs hand-written, side by side)",
+        "",
+        "| shape K x N | reference ms | hand ms | tuned |",
+        "| --- | ---: | ---: | --- |",
+        *(
+            f"| {d['shape']} | {d['reference_ms']:.3f} | {d['hand_ms']:.3f} "
+            f"| {'yes' if d['tuned'] else 'no'} |"
+            for d in suite["dense"]
+        ),
+        "",
+        "## BSR vs dense",
         "",
         "| shape K x N | block | density | BSR ms | dense ms | speedup |",
         "| --- | --- | ---: | ---: | ---: | ---: |",
@@ -231,6 +293,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--number", type=int, default=20)
     p.add_argument("--repeat", type=int, default=7)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pairs", type=int, default=3, help="alternating BSR/dense timings per point")
+    p.add_argument(
+        "--dense-trials",
+        type=int,
+        default=16,
+        help="MetaSchedule trials for each dense kernel (0: the untuned hand schedule)",
+    )
+    p.add_argument("--db", metavar="DIR", help="tuning database to reuse (default: temporary)")
     p.add_argument("--threads", type=int, help="default: os.cpu_count()")
     p.add_argument("--outdir", default=str(REPO / "docs" / "results"), metavar="DIR")
     return p

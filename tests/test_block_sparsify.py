@@ -57,6 +57,8 @@ def test_block_sparsify_lowers_layers_below_break_even(tiny):
     decisions = []
     out = BlockSparsify(lambda m, k, n, block: 0.9, decisions)(mod)
     assert len(_tir_calls(out, "bsr_16x16")) == len(plan.layers)
+    # Each MLP's first layer carries its GELU as the kernel epilogue.
+    assert len(_tir_calls(out, "bsr_16x16_gelu")) == 2 and _ops(out, "relax.nn.gelu") == []
     assert {d["kernel"] for d in decisions} == {"bsr"}
     assert all(d["density"] == pytest.approx(0.5, abs=0.1) for d in decisions)
 
@@ -134,3 +136,16 @@ def test_pruned_model_cross_compiles_for_arm(tmp_path, tiny):
     out = compiled.export(tmp_path / "arm")
     described = subprocess.run(["file", str(out / "model.so")], capture_output=True, text=True)
     assert "aarch64" in described.stdout
+
+
+def test_pruned_model_builds_for_cuda_with_nvcc(tmp_path, tiny):
+    import shutil
+
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc missing: the CUDA toolkit is not installed on this machine")
+    model, plan, _ = tiny
+    compiled = compile_model(model, target="cuda", cuda_arch="sm_80", plan=plan)
+    # No GPU here to measure a break-even on: every masked layer gets the BSR kernel.
+    assert {d["kernel"] for d in compiled.sparsity_decisions} == {"bsr"}
+    out = compiled.export(tmp_path / "cuda")  # nvcc compiles the kernels into the library
+    assert (out / "model.so").stat().st_size > 0

@@ -297,6 +297,13 @@ def test_tune_bad_target(capsys, tmp_path):
     assert not (tmp_path / "db").exists()
 
 
+def test_tune_missing_plan_fails_before_tuning(capsys, tmp_path):
+    missing = tmp_path / "nope.json"
+    code, _, stderr = _main(capsys, "tune", DEIT, "--plan", missing, "--db", tmp_path / "db")
+    assert code == 2 and "nope.json" in stderr
+    assert not (tmp_path / "db").exists()
+
+
 def test_compile_refuses_to_replace_a_foreign_directory(capsys, tmp_path, tiny_onnx):
     out = tmp_path / "mine"
     out.mkdir()

@@ -89,3 +89,34 @@ def test_tuning_a_target_that_cannot_run_here_is_an_error(tmp_path):
 
     with pytest.raises(TargetError, match="cannot"):
         tune(tiny_vit(depth=2), target="arm", db=tmp_path, trials=1)
+
+
+def test_bsr_kernels_are_searched_and_their_records_compiled(tmp_path):
+    from vitsparse.compiler import prepare
+    from vitsparse.frontend import import_model
+    from vitsparse.passes import pipeline
+    from vitsparse.plan import apply_plan_to_torch
+    from vitsparse.pruning import block_mask_plan
+    from vitsparse.schedules.tuning import extract_kernels, tune_kernels
+
+    model = tiny_vit(depth=2, embed_dim=64, num_heads=4)
+    plan = block_mask_plan(model, model_id="tiny", block=(16, 16), keep=0.3, method="random")
+    spec = resolve_target("x86")
+    mod, config, decisions = prepare(import_model(model), spec, plan)
+    mod = pipeline.optimize(mod, config, stop_before="schedule")
+    kernels = [k for k in extract_kernels(mod) if k.is_bsr]
+    assert kernels and {d["kernel"] for d in decisions} == {"bsr"}
+    assert not any(k.takes_indices for k in kernels)  # the runner fills BSR indices validly
+    database = dbmod.open_target_database(tmp_path, spec, create=True)
+    lines = []
+    (result,) = tune_kernels(kernels[:1], spec, database, budget=9, say=lines.append)
+    assert result.hand_ms is not None and result.trials_after > 1  # seed + searched trials
+    assert result.best_ms <= result.hand_ms
+    assert any("Trial #" in line for line in lines)
+
+    compiled = compile_model(model, target="x86", plan=plan, db=tmp_path)
+    assert compiled.tuned_kernels == 1
+    x = np.random.default_rng(4).standard_normal(compiled.input_shape, dtype=np.float32)
+    with torch.no_grad():
+        ref = apply_plan_to_torch(model, plan)(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(compiled.run(x), ref, rtol=0, atol=1e-4)

@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     _target_args(p)
     p.add_argument("--db", metavar="DIR", required=True, help="tuning database root")
     p.add_argument("--trials", type=_positive_int, metavar="N", help="total trial budget")
+    p.add_argument(
+        "--plan", metavar="PLAN.json", help="tune the model pruned by this plan (BSR kernels too)"
+    )
     p.set_defaults(run=_tune)
 
     p = commands.add_parser("prune", help="make a block-mask pruning plan (JSON) for a model")
@@ -206,6 +209,7 @@ def _tune(args: argparse.Namespace) -> None:
         checkpoint=args.checkpoint,
         pretrained=args.pretrained,
         cuda_arch=args.cuda_arch,
+        plan=args.plan,
         progress=_say,
     )
     print(report.summary())

@@ -253,7 +253,8 @@ def open_database(db_dir: str | Path | None, spec: TargetSpec):
     return open_target_database(db_dir, spec, create=False)
 
 
-def _load_plan(plan) -> PruningPlan | None:
+def load_plan(plan) -> PruningPlan | None:
+    """``plan`` as a PruningPlan: read (and validated) from its JSON file when it is a path."""
     if plan is None or isinstance(plan, PruningPlan):
         return plan
     return PruningPlan.load(plan)
@@ -269,6 +270,28 @@ def _break_even(spec: TargetSpec):
     return lambda m, k, n, block: 1.0
 
 
+def prepare(imported: ImportedModel, spec: TargetSpec, plan=None, *, database=None, dump_dir=None):
+    """The weight-bound module and pipeline config that compile (or tune) ``imported`` for
+    ``spec``, pruned by ``plan`` when given; plus the list BlockSparsify fills with its per-layer
+    decisions while the pipeline runs."""
+    plan = load_plan(plan)
+    mod = imported.mod
+    sparsify, decisions = None, []
+    if plan is not None:
+        if imported.torch_model is not None:
+            validate_plan(plan, imported.torch_model)
+        mod = AnnotatePruning(plan, imported.graph)(mod)
+        sparsify = BlockSparsify(_break_even(spec), decisions)
+    config = pipeline.PipelineConfig(
+        target=spec.target,
+        schedule_family=spec.schedule_family,
+        database=database,
+        block_sparsify=sparsify,
+        dump_dir=Path(dump_dir) if dump_dir is not None else None,
+    )
+    return pipeline.bind_params(mod, imported.params), config, decisions
+
+
 def compile_imported(
     imported: ImportedModel,
     *,
@@ -281,24 +304,8 @@ def compile_imported(
     """Compile an already-imported model (see compile_model)."""
     spec = resolve_target(target, cuda_arch=cuda_arch)
     database = open_database(db, spec)
-    plan = _load_plan(plan)
-    mod = imported.mod
-    sparsify, decisions = None, []
-    if plan is not None:
-        if spec.schedule_family != "cpu":
-            raise TargetError(f"block-sparse kernels for {spec.key} are not built yet")
-        if imported.torch_model is not None:
-            validate_plan(plan, imported.torch_model)
-        mod = AnnotatePruning(plan, imported.graph)(mod)
-        sparsify = BlockSparsify(_break_even(spec), decisions)
-    mod = pipeline.bind_params(mod, imported.params)
-    config = pipeline.PipelineConfig(
-        target=spec.target,
-        schedule_family=spec.schedule_family,
-        database=database,
-        block_sparsify=sparsify,
-        dump_dir=Path(dump_dir) if dump_dir is not None else None,
-    )
+    plan = load_plan(plan)
+    mod, config, decisions = prepare(imported, spec, plan, database=database, dump_dir=dump_dir)
     optimized = pipeline.optimize(mod, config)
     tuned = pipeline.count_tuned(optimized)
     with tvm.transform.PassContext(opt_level=3):
@@ -330,7 +337,7 @@ def compile_model(
     # Bad targets, databases and plan files fail before the (slow) import.
     spec = resolve_target(target, cuda_arch=cuda_arch)
     open_database(db, spec)
-    plan = _load_plan(plan)
+    plan = load_plan(plan)
     imported = import_model(source, batch=batch, checkpoint=checkpoint, pretrained=pretrained)
     return compile_imported(imported, target=spec, db=db, plan=plan, dump_dir=dump_dir)
 

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from vitsparse._tvm import IRModule, relax, tvm
+from vitsparse._tvm import IRModule, relax, struct_shape, tvm
 
 
 def copy_module(mod: IRModule) -> IRModule:
@@ -48,3 +48,42 @@ def op_call(expr, name: str):
 def const_array(expr) -> np.ndarray | None:
     """The value of a Relax constant, else None."""
     return expr.value.numpy() if isinstance(expr, tvm.ir.expr.Constant) else None
+
+
+@relax.expr_functor.mutator
+class FuseGeluEpilogue(relax.PyExprMutator):
+    """gelu(reshape*(call_tir(K, args))) -> reshape(call_tir(K_gelu, args)) for kernels K that
+    have a GELU-epilogue variant.
+
+    ``gelu_variant(gvar)`` gives ``(key, make_func, name)`` for such a kernel, else None; equal
+    keys share one added PrimFunc. The unfused call is left for DeadCodeElimination (it stays
+    when something else reads it).
+    """
+
+    def __init__(self, mod, gelu_variant: Callable):
+        super().__init__(mod)
+        self.gelu_variant = gelu_variant
+        self.added: dict = {}
+
+    def visit_call_(self, call):
+        call = super().visit_call_(call)
+        if op_call(call, "relax.nn.gelu") is None:
+            return call
+        expr = call.args[0]
+        while isinstance(expr, relax.Var):
+            bound = self.lookup_binding(expr)
+            if op_call(bound, "relax.reshape") is not None:
+                expr = bound.args[0]
+                continue
+            expr = bound
+            break
+        if op_call(expr, "relax.call_tir") is None:
+            return call
+        variant = self.gelu_variant(expr.args[0])
+        if variant is None:
+            return call
+        key, make_func, name = variant
+        if key not in self.added:
+            self.added[key] = self.builder_.add_func(make_func(), name)
+        fused = relax.call_tir(self.added[key], expr.args[1], expr.ty_args[0])
+        return relax.op.reshape(self.builder_.emit(fused), struct_shape(call))

@@ -8,18 +8,25 @@ and, when the layer's density is at or below the break-even density for its shap
 replaces it with one call of ``schedules.bsr`` (weight packed into BSR at compile time). A layer
 above its break-even is left as it is: FoldConstant folds the mask into the weight and LowerLinear
 makes it a dense kernel, so it stays correct either way. ``break_even(m, k, n, block)`` is given
-by the caller, from measurements on the target (``schedules.break_even``); a GELU after the layer
-stays a separate (fused elementwise) kernel.
+by the caller, from measurements on the target (``schedules.break_even``). A GELU after the layer
+becomes the kernel's epilogue. The kernels are tiled for the current target (``with target:``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import numpy as np
 
 from vitsparse._tvm import relax, struct_shape, tvm
-from vitsparse.passes._rewrite import bound_value, const_array, op_call, rewrite_relax_functions
+from vitsparse.passes._rewrite import (
+    FuseGeluEpilogue,
+    bound_value,
+    const_array,
+    op_call,
+    rewrite_relax_functions,
+)
 from vitsparse.schedules import bsr
 
 BreakEven = Callable[[int, int, int, tuple[int, int]], float]
@@ -27,10 +34,11 @@ BreakEven = Callable[[int, int, int, tuple[int, int]], float]
 
 @relax.expr_functor.mutator
 class _BlockSparsifyMutator(relax.PyExprMutator):
-    def __init__(self, mod, break_even: BreakEven, decisions: list):
+    def __init__(self, mod, break_even: BreakEven, decisions: list, kernels: dict):
         super().__init__(mod)
         self.break_even = break_even
         self.decisions = decisions
+        self.kernels = kernels  # GlobalVar -> BSRShape of the kernels added
 
     def _call(self, expr, name):
         return op_call(bound_value(self, expr), name)
@@ -87,8 +95,9 @@ class _BlockSparsifyMutator(relax.PyExprMutator):
             return None
         decision["kernel"] = "bsr"
         packed = bsr.to_bsr(weight, kept, block)
-        func = bsr.bsr_primfunc(rows, packed)
-        gvar = self.builder_.add_func(func, f"bsr_{block[0]}x{block[1]}")
+        shape = bsr.BSRShape.of(rows, packed)
+        gvar = self.builder_.add_func(bsr.bsr_primfunc(shape), f"bsr_{block[0]}x{block[1]}")
+        self.kernels[gvar] = shape
         x2d = x if len(x_shape) == 2 else self.builder_.emit(relax.op.reshape(x, (rows, k)))
         out = relax.call_tir(
             gvar,
@@ -113,6 +122,18 @@ class BlockSparsify:
         self.decisions = decisions if decisions is not None else []
 
     def transform_module(self, mod, _ctx):
-        return rewrite_relax_functions(
-            mod, lambda m: _BlockSparsifyMutator(m, self.break_even, self.decisions)
+        kernels: dict = {}
+        mod = rewrite_relax_functions(
+            mod, lambda m: _BlockSparsifyMutator(m, self.break_even, self.decisions, kernels)
         )
+
+        def gelu_variant(gvar):
+            shape = kernels.get(gvar)
+            if shape is None or shape.epilogue != "none":
+                return None
+            fused = dataclasses.replace(shape, epilogue="gelu")
+            name = f"bsr_{shape.block[0]}x{shape.block[1]}_gelu"
+            return fused, lambda: bsr.bsr_primfunc(fused), name
+
+        mod = rewrite_relax_functions(mod, lambda m: FuseGeluEpilogue(m, gelu_variant))
+        return relax.transform.DeadCodeElimination()(mod)

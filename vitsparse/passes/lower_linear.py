@@ -21,6 +21,7 @@ import numpy as np
 
 from vitsparse._tvm import relax, struct_shape, tvm
 from vitsparse.passes._rewrite import (
+    FuseGeluEpilogue,
     bound_value,
     const_array,
     op_call,
@@ -114,40 +115,6 @@ class _LowerLinearMutator(relax.PyExprMutator):
         return self._emit_linear(lin, "none")
 
 
-@relax.expr_functor.mutator
-class _FuseGeluMutator(relax.PyExprMutator):
-    """gelu(reshape*(call_tir(dense_none, args))) -> reshape(call_tir(dense_gelu, args))."""
-
-    def __init__(self, mod, kernels):
-        super().__init__(mod)
-        self.kernels = kernels  # DenseShape -> GlobalVar, shared with the first step
-        self.by_gvar = {gv: shape for shape, gv in kernels.items()}
-
-    def visit_call_(self, call):
-        call = super().visit_call_(call)
-        if op_call(call, "relax.nn.gelu") is None:
-            return call
-        expr = call.args[0]
-        while isinstance(expr, relax.Var):
-            bound = self.lookup_binding(expr)
-            if op_call(bound, "relax.reshape") is not None:
-                expr = bound.args[0]
-                continue
-            expr = bound
-            break
-        if op_call(expr, "relax.call_tir") is None:
-            return call
-        shape = self.by_gvar.get(expr.args[0])
-        if shape is None or shape.epilogue != "none":
-            return call
-        gelu_shape = dense.DenseShape(shape.m, shape.k, shape.n, "gelu", shape.row_tile)
-        if gelu_shape not in self.kernels:
-            gv = self.builder_.add_func(dense.dense_primfunc(gelu_shape), "dense_gelu")
-            self.kernels[gelu_shape] = gv
-        fused = relax.call_tir(self.kernels[gelu_shape], expr.args[1], expr.ty_args[0])
-        return relax.op.reshape(self.builder_.emit(fused), struct_shape(call))
-
-
 @tvm.transform.module_pass(opt_level=0, name="vitsparse.LowerLinear")
 class LowerLinear:
     """Rewrite constant-weight linear layers (+ optional GELU) into packed dense kernels."""
@@ -161,5 +128,14 @@ class LowerLinear:
             return mutator
 
         mod = rewrite_relax_functions(mod, first)
-        mod = rewrite_relax_functions(mod, lambda m: _FuseGeluMutator(m, kernels))
+        by_gvar = {gv: shape for shape, gv in kernels.items()}
+
+        def gelu_variant(gvar):
+            shape = by_gvar.get(gvar)
+            if shape is None or shape.epilogue != "none":
+                return None
+            fused = dense.DenseShape(shape.m, shape.k, shape.n, "gelu", shape.row_tile)
+            return fused, lambda: dense.dense_primfunc(fused), "dense_gelu"
+
+        mod = rewrite_relax_functions(mod, lambda m: FuseGeluEpilogue(m, gelu_variant))
         return relax.transform.DeadCodeElimination()(mod)

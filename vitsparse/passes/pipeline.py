@@ -107,15 +107,9 @@ def _schedule_phase(config: PipelineConfig) -> tvm.transform.Pass:
 
         passes.append(dlight.ApplyDefaultSchedule(*default_rules()))
     else:
-        passes.append(
-            dlight.ApplyDefaultSchedule(
-                dlight.gpu.Matmul(),
-                dlight.gpu.GEMV(),
-                dlight.gpu.Reduction(),
-                dlight.gpu.GeneralReduction(),
-                dlight.gpu.Fallback(),
-            )
-        )
+        from vitsparse.schedules.gpu_rules import default_rules
+
+        passes.append(dlight.ApplyDefaultSchedule(*default_rules()))
     return tvm.transform.Sequential(passes, name="schedule")
 
 

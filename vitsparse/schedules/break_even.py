@@ -41,9 +41,8 @@ def _measure(target_json: str, m: int, k: int, n: int, block: tuple[int, int]) -
         rows, cols = block
         kept = rng.random((n // rows, k // cols)) < density
         packed = bsr.to_bsr(w, kept, block)
-        lib = tvm.compile(
-            bsr.bsr_primfunc(m, packed).with_attr("global_symbol", "main"), target=target
-        )
+        shape = bsr.BSRShape.of(m, packed, target=target)
+        lib = tvm.compile(bsr.scheduled_cpu(shape, target), target=target)
         args = [
             tvm.runtime.tensor(a) for a in (x, packed.data, packed.indices, packed.indptr, b)
         ] + [y]

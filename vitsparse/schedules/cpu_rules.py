@@ -2,6 +2,7 @@
 Schedule, or None when the rule does not apply).
 
 - DenseKernelRule: the packed dense kernel of schedules/dense.py with its default knobs.
+- BSRKernelRule: the block-sparse kernel of schedules/bsr.py with its default knobs.
 - BatchMatmulRule: attention's batched matmuls (and any other einsum-shaped matmul): rows and
   columns padded to the register tile, broadcast-FMA inner loop like the dense kernel.
 - ParallelVectorizeRule: everything else (layernorm, softmax, elementwise, layout copies):
@@ -11,7 +12,7 @@ Schedule, or None when the rule does not apply).
 from __future__ import annotations
 
 from vitsparse._tvm import Schedule, dlight, tir
-from vitsparse.schedules import dense
+from vitsparse.schedules import bsr, dense
 
 _VECTOR = 16
 
@@ -29,6 +30,19 @@ class DenseKernelRule(dlight.ScheduleRule):
             return None
         sch = Schedule(func)
         dense.schedule_dense_cpu(sch, dense.default_knobs(dense.shape_of(func)))
+        return sch
+
+
+class BSRKernelRule(dlight.ScheduleRule):
+    """The block-sparse linear kernel, scheduled with its hand-picked knobs for the target's
+    vector width."""
+
+    def apply(self, func, target, tunable):
+        if not bsr.is_bsr_kernel(func):
+            return None
+        sch = Schedule(func)
+        shape = bsr.shape_of(func)
+        bsr.schedule_bsr_cpu(sch, bsr.default_knobs(shape), bsr.vector_lanes(target))
         return sch
 
 
@@ -246,4 +260,10 @@ class ParallelVectorizeRule(dlight.ScheduleRule):
 
 def default_rules() -> list[dlight.ScheduleRule]:
     """The CPU rules in priority order."""
-    return [DenseKernelRule(), BatchMatmulRule(), RowReductionRule(), ParallelVectorizeRule()]
+    return [
+        DenseKernelRule(),
+        BSRKernelRule(),
+        BatchMatmulRule(),
+        RowReductionRule(),
+        ParallelVectorizeRule(),
+    ]

@@ -3,8 +3,10 @@
 For each distinct kernel of the compiled model:
 1. the hand-written schedule (cpu_rules) is built, measured and committed as the first record,
    so the database's best is never worse than the untuned compile;
-2. MetaSchedule searches: the dense kernels in their own template's space (the same template,
-   with its knobs sampled), every other kernel in MetaSchedule's default space for the target.
+2. MetaSchedule searches: the dense and block-sparse kernels in their own templates' spaces (the
+   same templates, with their knobs sampled), every other kernel in MetaSchedule's default space
+   for the target. A block-sparse kernel reads index arrays, so the runner fills them with a
+   valid block structure (`bsr_alloc_argument`) instead of random bits.
 The trial budget is for the whole model; re-running continues from the records already in the
 database (trials already spent count against the budget), so an interrupted job resumes.
 """
@@ -20,12 +22,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from vitsparse._tvm import IRModule, ms, relax, structural_hash, tir, tvm
-from vitsparse.compiler import set_num_threads
+from vitsparse.compiler import load_plan, prepare, set_num_threads
 from vitsparse.errors import TargetError
 from vitsparse.frontend import import_model
 from vitsparse.passes import pipeline
-from vitsparse.schedules import cpu_rules, dense
+from vitsparse.schedules import bsr, cpu_rules, dense
 from vitsparse.schedules.database import open_target_database, target_dir
 from vitsparse.targets import resolve_target
 
@@ -46,8 +50,15 @@ class Kernel:
         return dense.is_dense_kernel(self.func)
 
     @property
+    def is_bsr(self) -> bool:
+        return bsr.is_bsr_kernel(self.func)
+
+    @property
     def takes_indices(self) -> bool:
-        """Whether an input is an int32/int64 buffer (gather indices and the like)."""
+        """Whether an input is an index buffer the runner cannot fill validly (gathers and the
+        like; the BSR kernel's indices it can)."""
+        if self.is_bsr:
+            return False
         return any(str(p.dtype) in ("int32", "int64") for p in self.func.params[:-1])
 
     def workload(self) -> IRModule:
@@ -124,7 +135,14 @@ def extract_kernels(mod: IRModule) -> list[Kernel]:
     return sorted(by_hash.values(), key=lambda k: k.name)
 
 
-def _space(kernel: Kernel):
+def _space(kernel: Kernel, target):
+    if kernel.is_bsr:
+        return ms.space_generator.ScheduleFn(
+            bsr.cpu_design_space(bsr.vector_lanes(target)),
+            sch_rules=[],
+            postprocs=[],
+            mutator_probs={ms.mutator.MutateTileSize(): 1.0},
+        )
     if kernel.is_dense:
         return ms.space_generator.ScheduleFn(
             lambda sch: dense.schedule_dense_cpu(sch, None),
@@ -184,9 +202,13 @@ def tune(
     checkpoint: str | Path | None = None,
     pretrained: bool = False,
     cuda_arch: str | None = None,
+    plan=None,
     progress: Callable[[str], None] | None = print,
 ) -> TuneReport:
     """Tune every kernel of ``source`` compiled for ``target`` into the database under ``db``.
+
+    With ``plan`` (a PruningPlan or its JSON file) the pruned model's kernels are tuned: its
+    block-sparse kernels included, so that ``compile --plan`` finds their records.
 
     ``trials`` is the total MetaSchedule trial budget for the model (default: 12 per distinct
     kernel); trials already in the database count against it, so re-running resumes.
@@ -198,13 +220,12 @@ def tune(
             f"tuning for {spec.key} needs a device that runs it; this machine cannot "
             "(tuning over RPC on a device farm is not built yet)"
         )
+    plan = load_plan(plan)  # a bad plan file fails before the (slow) import
     start = time.time()
     say(f"[tune] importing {source if isinstance(source, str | Path) else type(source).__name__}")
     imported = import_model(source, batch=batch, checkpoint=checkpoint, pretrained=pretrained)
-    config = pipeline.PipelineConfig(target=spec.target, schedule_family="cpu")
-    mod = pipeline.optimize(
-        pipeline.bind_params(imported.mod, imported.params), config, stop_before="schedule"
-    )
+    mod, config, _ = prepare(imported, spec, plan)
+    mod = pipeline.optimize(mod, config, stop_before="schedule")
     kernels = []
     for kernel in extract_kernels(mod):
         if kernel.takes_indices:
@@ -218,7 +239,17 @@ def tune(
     database = open_target_database(db, spec, create=True)
     directory = target_dir(db, spec)
     report = TuneReport(imported.model_id, spec.key, str(directory), budget, 0.0)
+    report.kernels = tune_kernels(kernels, spec, database, budget, say, str(directory))
+    report.seconds = time.time() - start
+    say(report.summary())
+    return report
 
+
+def tune_kernels(
+    kernels: list[Kernel], spec, database, budget: int, say=print, where: str = "the database"
+) -> list[KernelResult]:
+    """Seed each kernel's hand-written schedule into ``database`` and spend what is left of
+    ``budget`` (trials already recorded count against it) on MetaSchedule's search."""
     builder = ms.builder.LocalBuilder(timeout_sec=120.0)
     runner = ms.runner.LocalRunner(
         timeout_sec=120.0,
@@ -226,6 +257,7 @@ def tune(
         # Measure with the thread count the model runs with: a fresh worker's TVM pool
         # otherwise follows its CPU affinity, which can be a single core.
         initializer=functools.partial(set_num_threads, _threads(spec)),
+        f_alloc_argument=bsr_alloc_argument,
     )
     before = {k.name: len(_records(database, k.workload())) for k in kernels}
 
@@ -256,7 +288,7 @@ def tune(
     spent = sum(max(n - 1, 0) for n in before.values())
     remaining = budget - spent
     if remaining <= 0:
-        say(f"[tune] budget of {budget} trials already spent in {directory}; nothing to do")
+        say(f"[tune] budget of {budget} trials already spent in {where}; nothing to do")
     else:
         say(
             f"[tune] searching: {remaining} trials over {len(kernels)} kernels "
@@ -266,7 +298,7 @@ def tune(
             ms.TuneContext(
                 mod=k.workload(),
                 target=spec.target,
-                space_generator=_space(k),
+                space_generator=_space(k, spec.target),
                 search_strategy=_search_strategy(),
                 task_name=k.name,
                 num_threads="physical",
@@ -289,16 +321,15 @@ def tune(
                 measure_callbacks="default",
                 task_scheduler="gradient",
             )
+    results = []
     for k in kernels:
         records = _records(database, k.workload())
-        report.kernels.append(
+        results.append(
             KernelResult(
                 k.name, k.calls, before[k.name], len(records), hand[k.name], _best_ms(records)
             )
         )
-    report.seconds = time.time() - start
-    say(report.summary())
-    return report
+    return results
 
 
 def _threads(spec) -> int:
@@ -343,3 +374,30 @@ class _SayHandler(logging.Handler):
         elif "Sending" in msg:
             count = msg.split("Sending", 1)[1].split()[0]
             self.say(f"[tune] kernel {self.task}: {count} candidates sent for measurement")
+
+
+def bsr_alloc_argument(device, args_info, alloc_repeat: int) -> list[list]:
+    """MetaSchedule runner arguments: random tensors, except that a BSR kernel's ``indices`` and
+    ``indptr`` describe a valid block structure (its stored blocks spread evenly over the
+    block-rows, distinct ascending column blocks), so the measured kernel reads in bounds."""
+    from tvm.s_tir.meta_schedule.runner.local_runner import default_alloc_argument
+
+    repeated = default_alloc_argument(device, args_info, alloc_repeat)
+    shapes = [(str(info[1]), [int(v) for v in info[2]]) for info in args_info]
+    kinds = [(dtype.startswith("int"), len(shape)) for dtype, shape in shapes]
+    if kinds[:4] != [(False, 2), (False, 3), (True, 1), (True, 1)] or len(shapes) != 6:
+        return repeated
+    (_, (_, k)), (_, (nnzb, cols, _)) = shapes[0], shapes[1]
+    block_rows, ell = shapes[3][1][0] - 1, k // cols
+    counts = np.minimum(
+        nnzb // block_rows + (np.arange(block_rows) < nnzb % block_rows), ell
+    ).astype(np.int32)
+    indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    indices = np.zeros(nnzb, dtype=np.int32)
+    for r, count in enumerate(counts):
+        spread = np.round(np.linspace(0, ell - 1, count)).astype(np.int32) if count else []
+        indices[indptr[r] : indptr[r + 1]] = spread
+    for args in repeated:
+        args[2] = tvm.runtime.tensor(indices, device)
+        args[3] = tvm.runtime.tensor(indptr, device)
+    return repeated
