@@ -12,8 +12,9 @@ are read from memory, so the loop over a block-row's kept blocks has the static 
 guard depends on the block-row alone; TVM's HoistIfThenElse lifts it above the inner loops, so an
 unused ELL slot costs one comparison, not its FLOPs. The X columns and the weight block of a slot
 are gathered in their own stages (inlined on CPUs, staged in shared memory on GPUs); a gather
-loads nothing for an unused slot and its reads are clamped into the buffers. Rows are padded to the register-tile height by clamping the row index of X, like the dense kernel.
-Accumulation is float32; ``dtype`` float16 (CUDA) stores X, the blocks and Y in half precision.
+loads nothing for an unused slot and its reads are clamped into the buffers. Rows are padded to
+the register-tile height by clamping the row index of X, like the dense kernel. Accumulation is
+float32; ``dtype`` float16 (CUDA) stores X, the blocks and Y in half precision.
 
 Schedules (knobs are MetaSchedule sampling instructions: fixed knobs give the hand-written
 default, sampled ones the tuning design space):
