@@ -316,14 +316,14 @@ QKV = "layers/blocks.0.attn.qkv"
     ("edit", "message"),
     [
         (
-            lambda d: _edit(d, "version", 2),
-            r"plan version 2 is not supported; this vitsparse reads version\(s\) 1",
+            lambda d: _edit(d, "version", 3),
+            r"plan version 3 is not supported; this vitsparse reads version\(s\) 1, 2",
         ),
         (lambda d: _edit(d, "version", "1"), r"plan version '1' is not supported"),
         (lambda d: _edit(d, "format", "other"), r"not a vitsparse pruning plan"),
         (
             lambda d: _edit(d, "heads", {}),
-            r"plan \(version 1\): unknown field\(s\) 'heads'; known fields",
+            r"plan \(version 2\): unknown field\(s\) 'heads'; known fields",
         ),
         (lambda d: {k: v for k, v in d.items() if k != "method"}, r"missing field\(s\) 'method'"),
         (lambda d: _edit(d, "weights_hash", "abc"), r"'weights_hash' must be 'sha256:'"),

@@ -5,16 +5,17 @@ and, per linear layer, a block mask: the weight ``(out, in)`` is cut into ``rows
 and a boolean bitmap of shape ``(out // rows, in // cols)`` says which blocks are kept. Layer names
 are PyTorch module names (``"blocks.0.attn.qkv"``, ``"blocks.3.mlp.fc2"``).
 
-JSON format (version 1)::
+JSON format (version 2; version 1 is the same without ``"structure"``)::
 
     {
       "format": "vitsparse-pruning-plan",
-      "version": 1,
+      "version": 2,
       "model_id": "deit_tiny_patch16_224",
       "weights_hash": "sha256:<64 hex digits>",        # see weights_hash()
       "method": "magnitude",
       "budget": {"blocks": "32x32", "keep": 0.5, "layers": ["blocks.*.attn.qkv", ...], "seed": 0},
       "predicted_cost": null,
+      "structure": null,                               # see vitsparse.plan_structure
       "layers": {
         "blocks.0.attn.qkv": {
           "rows": 32, "cols": 32, "out_features": 576, "in_features": 192,
@@ -28,8 +29,10 @@ blocks a byte, most significant bit first, the last byte padded with zero bits; 
 number of kept blocks, checked on reading.
 
 Versioning: a reader accepts only the versions in ``SUPPORTED_VERSIONS`` and rejects unknown fields,
-so a plan is never half-understood. A change that adds fields (heads, MLP neurons, embedding
-channels, tokens) bumps ``PLAN_VERSION`` and keeps reading the older versions.
+so a plan is never half-understood. A change that adds fields bumps ``PLAN_VERSION`` and keeps
+reading the older versions: version 2 added ``structure`` (kept heads, head dimensions, MLP
+neurons, embedding channels and token counts; `vitsparse.plan_structure`). A block mask applies to
+the weight as the structure leaves it (the sliced weight when the layer is also sliced).
 
 Validation lives here and only here: the structural checks (``check_block_geometry`` and the
 bitmap checks) run whenever a plan is built or read; ``validate_plan`` adds the checks against a
@@ -58,13 +61,14 @@ import numpy as np
 
 from vitsparse._io import write_text_atomic
 from vitsparse.errors import PlanError
+from vitsparse.plan_structure import Structure
 
 if TYPE_CHECKING:
     import torch
 
 PLAN_FORMAT = "vitsparse-pruning-plan"
-PLAN_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+PLAN_VERSION = 2
+SUPPORTED_VERSIONS = (1, 2)
 # Block sizes the block-sparse kernels handle, for rows and for cols independently.
 BLOCK_SIZES = (8, 16, 32, 64)
 
@@ -79,6 +83,7 @@ _PLAN_FIELDS = (
     "predicted_cost",
     "layers",
 )
+_PLAN_FIELDS_V2 = (*_PLAN_FIELDS, "structure")
 _MASK_FIELDS = ("rows", "cols", "out_features", "in_features", "kept")
 _BITMAP_FIELDS = ("shape", "count", "bits")
 
@@ -187,6 +192,8 @@ class PruningPlan:
         The cost the plan was predicted to have (from a cost table), or None.
     layers
         Layer (torch module) name -> its block mask, read-only, in the order given.
+    structure
+        The structural pruning (heads, MLP neurons, embedding channels, tokens), or None.
 
     Building a plan runs the structural checks; a problem raises PlanError naming the layer.
     """
@@ -198,6 +205,7 @@ class PruningPlan:
     budget: Mapping[str, Any] = field(default_factory=dict)
     predicted_cost: Mapping[str, Any] | None = None
     layers: Mapping[str, BlockMask] = field(default_factory=dict)
+    structure: Structure | None = None
 
     def __post_init__(self):
         _check_plan(self)
@@ -239,6 +247,11 @@ class PruningPlan:
                 None if self.predicted_cost is None else copy.deepcopy(dict(self.predicted_cost))
             ),
             "layers": {name: mask.to_json() for name, mask in self.layers.items()},
+            **(
+                {}
+                if self.version < 2
+                else {"structure": None if self.structure is None else self.structure.to_json()}
+            ),
         }
 
     @classmethod
@@ -257,7 +270,10 @@ class PruningPlan:
                 f"plan version {version!r} is not supported; this vitsparse reads version(s) "
                 f"{', '.join(map(str, SUPPORTED_VERSIONS))}"
             )
-        _check_fields(data, _PLAN_FIELDS, f"plan (version {version})")
+        _check_fields(
+            data, _PLAN_FIELDS if version < 2 else _PLAN_FIELDS_V2, f"plan (version {version})"
+        )
+        structure = data.get("structure")
         layers = data["layers"]
         if not isinstance(layers, Mapping):
             raise PlanError(f"plan field 'layers' must be an object, got {type(layers).__name__}")
@@ -269,6 +285,7 @@ class PruningPlan:
             budget=data["budget"],
             predicted_cost=data["predicted_cost"],
             layers={name: _mask_from_json(name, entry) for name, entry in layers.items()},
+            structure=None if structure is None else Structure.from_json(structure),
         )
 
     def save(self, path: str | Path) -> Path:
@@ -340,6 +357,11 @@ def _check_plan(plan: PruningPlan) -> None:
         raise PlanError(
             f"plan field 'predicted_cost' must be an object or null, got {plan.predicted_cost!r}"
         )
+    if plan.structure is not None:
+        if plan.version < 2:
+            raise PlanError("plan version 1 cannot hold a structure; use version 2")
+        if not isinstance(plan.structure, Structure):
+            raise PlanError(f"plan field 'structure' must be a Structure, got {plan.structure!r}")
     if not isinstance(plan.layers, Mapping):
         raise PlanError(f"plan field 'layers' must be a mapping, got {type(plan.layers).__name__}")
     for name, mask in plan.layers.items():
@@ -442,12 +464,27 @@ def weights_hash(model: torch.nn.Module) -> str:
 def validate_plan(plan: PruningPlan, model: torch.nn.Module, *, check_hash: bool = True) -> None:
     """Check ``plan`` against ``model``; raises PlanError naming the layer and the problem.
 
-    Every plan layer must be an ``nn.Linear`` of ``model`` whose weight has the mask's shape;
-    with ``check_hash`` the model's ``weights_hash`` must equal the plan's.
+    The structure must fit the model's geometry (block count, heads, head and MLP widths,
+    embedding width, tokens left at each pruning point). Every block-masked layer must be an
+    ``nn.Linear`` of the model whose weight, as the structure leaves it, has the mask's shape.
+    With ``check_hash`` the model's ``weights_hash`` must equal the plan's.
     """
+    _validate(plan, model, check_hash=check_hash)
+
+
+def _validate(plan: PruningPlan, model, *, check_hash: bool):
+    """validate_plan; returns the structurally pruned model (or ``model`` without a structure)."""
     import torch
 
-    modules = dict(model.named_modules())
+    shaped = model
+    if plan.structure is not None:
+        from vitsparse.plan_structure import check_against
+        from vitsparse.pruning.structured_torch import apply_structure, geometry_of
+
+        check_against(plan.structure, geometry_of(model), plan.model_id)
+        if not plan.structure.empty:
+            shaped = apply_structure(model, plan.structure)
+    modules = dict(shaped.named_modules())
     linear_names = [n for n, m in modules.items() if isinstance(m, torch.nn.Linear)]
     for name, mask in plan.layers.items():
         module = modules.get(name)
@@ -465,9 +502,10 @@ def validate_plan(plan: PruningPlan, model: torch.nn.Module, *, check_hash: bool
             )
         shape = tuple(module.weight.shape)
         if shape != mask.weight_shape:
+            pruned = " after the plan's structural pruning" if shaped is not model else ""
             raise PlanError(
                 f"layer {name!r}: the plan's mask is for a weight of shape {mask.weight_shape}, "
-                f"but the model's weight has shape {shape} (out, in)"
+                f"but the model's weight has shape {shape} (out, in){pruned}"
             )
     if check_hash:
         actual = weights_hash(model)
@@ -477,20 +515,22 @@ def validate_plan(plan: PruningPlan, model: torch.nn.Module, *, check_hash: bool
                 f"{plan.weights_hash[:19]}..., model {actual[:19]}...; recompute the plan for "
                 "these weights, or skip the check (check_hash=False) to apply it anyway"
             )
+    return shaped
 
 
 def apply_plan_to_torch(
     model: torch.nn.Module, plan: PruningPlan, *, check_hash: bool = True
 ) -> torch.nn.Module:
-    """The PyTorch reference of a pruned model: a deep copy of ``model`` in which each masked
-    layer's weight is zero outside its kept blocks (biases and unmasked layers unchanged).
+    """The PyTorch reference of a pruned model: a new module with the plan's structure applied
+    (weights physically sliced, tokens dropped; `vitsparse.pruning.structured_torch`) and each
+    masked layer's weight zero outside its kept blocks (biases and unmasked layers unchanged).
 
     ``model`` itself is not modified. The plan is checked first with ``validate_plan``.
     """
     import torch
 
-    validate_plan(plan, model, check_hash=check_hash)
-    pruned = copy.deepcopy(model)
+    shaped = _validate(plan, model, check_hash=check_hash)
+    pruned = copy.deepcopy(model) if shaped is model else shaped
     with torch.no_grad():
         for name, mask in plan.layers.items():
             weight = pruned.get_submodule(name).weight
