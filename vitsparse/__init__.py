@@ -5,8 +5,9 @@ The public API (imported lazily: `import vitsparse` stays cheap):
     compile_model -- import and compile for a target; returns a CompiledModel (run/time/export)
     tune          -- MetaSchedule tuning job into a per-target database (resumable)
     bench         -- compiled model vs PyTorch eager vs ONNX Runtime
-    prune         -- a block-mask PruningPlan (magnitude or random); apply_plan_to_torch gives the
-                     PyTorch reference of a plan
+    prune         -- a PruningPlan (structures and/or block masks; magnitude or random);
+                     apply_plan_to_torch gives the PyTorch reference of a plan
+    flops         -- MACs/FLOPs of a (pruned) model, analytic or read off a Relax module
 """
 
 __version__ = "0.1.0"
@@ -21,6 +22,7 @@ _API = {
     "prune": ("vitsparse.pruning", "prune"),
     "PruningPlan": ("vitsparse.plan", "PruningPlan"),
     "apply_plan_to_torch": ("vitsparse.plan", "apply_plan_to_torch"),
+    "flops": ("vitsparse.flop_count", "flops"),
 }
 
 __all__ = ["__version__", *_API]

@@ -83,20 +83,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(run=_tune)
 
-    p = commands.add_parser("prune", help="make a block-mask pruning plan (JSON) for a model")
+    p = commands.add_parser("prune", help="make a pruning plan (JSON) for a model")
     p.add_argument("model", metavar="MODEL", help="timm model name")
     p.add_argument(
         "--method",
         required=True,
         type=_prune_method,
         metavar="M",
-        help="block score: magnitude (largest L1 norm kept) or random",
+        help="score: magnitude (largest L1 norm kept) or random",
     )
     p.add_argument(
         "--blocks",
-        required=True,
         metavar="RxC:KEEP",
         help="block size and the fraction of blocks each layer keeps, e.g. 32x32:0.5",
+    )
+    p.add_argument("--heads", type=float, metavar="F", help="fraction of each block's heads kept")
+    p.add_argument("--mlp", type=float, metavar="F", help="fraction of MLP neurons kept")
+    p.add_argument("--embed", type=float, metavar="F", help="fraction of embedding channels kept")
+    p.add_argument(
+        "--tokens",
+        metavar="KEEP@BLOCKS",
+        help="keep this fraction of the patch tokens after each listed block (1-based), "
+        "e.g. 0.7@4,7,10",
+    )
+    p.add_argument(
+        "--token-rule",
+        default="cls_attention",
+        choices=["cls_attention", "cumulative_attention"],
+        help="token score: class-token attention (EViT) or cumulative attention (CP-ViT)",
     )
     p.add_argument(
         "--layers",
@@ -222,22 +236,37 @@ def _prune(args: argparse.Namespace) -> None:
         _model_source(args.model),
         method=args.method,
         blocks=args.blocks,
+        heads=args.heads,
+        mlp=args.mlp,
+        embed=args.embed,
+        tokens=args.tokens,
+        token_rule=args.token_rule,
         layers=args.layers,
         seed=args.seed,
         checkpoint=args.checkpoint,
         pretrained=args.pretrained,
     )
     plan.save(args.output)
-    densities = [mask.density for mask in plan.layers.values()]
     print(f"model     {plan.model_id} (weights {plan.weights_hash[:19]}...)")
     print(f"method    {plan.method}, seed {args.seed}")
-    print(f"layers    {len(plan.layers)} linear layers ({', '.join(plan.budget['layers'])})")
-    print(f"blocks    {plan.budget['blocks']}, keep {plan.budget['keep']:g}")
-    print(
-        f"density   mean {plan.mean_density:.3f} (min {min(densities):.3f}, "
-        f"max {max(densities):.3f})"
-    )
-    print(f"flops     {plan.kept_mac_fraction:.1%} of the masked layers' multiply-adds kept")
+    kept = plan.budget.get("structure", {})
+    if "embed" in kept:
+        print(f"embed     {kept['embed']} channels kept")
+    for name in ("heads", "mlp"):
+        if name in kept:
+            print(f"{name:9} kept per block: {', '.join(map(str, kept[name]))}")
+    if "tokens" in kept:
+        after = ", ".join(f"{n} after block {int(b) + 1}" for b, n in kept["tokens"].items())
+        print(f"tokens    patch tokens kept: {after} ({args.token_rule})")
+    if plan.layers:
+        densities = [mask.density for mask in plan.layers.values()]
+        print(f"layers    {len(plan.layers)} linear layers ({', '.join(plan.budget['layers'])})")
+        print(f"blocks    {plan.budget['blocks']}, keep {plan.budget['keep']:g}")
+        print(
+            f"density   mean {plan.mean_density:.3f} (min {min(densities):.3f}, "
+            f"max {max(densities):.3f})"
+        )
+        print(f"flops     {plan.kept_mac_fraction:.1%} of the masked layers' multiply-adds kept")
     print(f"plan      {args.output}")
     if args.checkpoint is None and not args.pretrained:
         print(

@@ -25,7 +25,7 @@ from vitsparse.frontend import ImportedModel, import_model
 from vitsparse.passes import pipeline
 from vitsparse.passes.annotate_pruning import AnnotatePruning
 from vitsparse.passes.block_sparsify import BlockSparsify
-from vitsparse.plan import PruningPlan, validate_plan
+from vitsparse.plan import PruningPlan, load_plan, validate_plan
 from vitsparse.targets import TargetSpec, export_library, resolve_target
 
 ARTIFACT_LIBRARY = "model.so"
@@ -251,13 +251,6 @@ def open_database(db_dir: str | Path | None, spec: TargetSpec):
     from vitsparse.schedules.database import open_target_database
 
     return open_target_database(db_dir, spec, create=False)
-
-
-def load_plan(plan) -> PruningPlan | None:
-    """``plan`` as a PruningPlan: read (and validated) from its JSON file when it is a path."""
-    if plan is None or isinstance(plan, PruningPlan):
-        return plan
-    return PruningPlan.load(plan)
 
 
 def _break_even(spec: TargetSpec):

@@ -539,6 +539,13 @@ def apply_plan_to_torch(
     return pruned
 
 
+def load_plan(plan: PruningPlan | str | Path | None) -> PruningPlan | None:
+    """``plan`` as a PruningPlan: read (and validated) from its JSON file when it is a path."""
+    if plan is None or isinstance(plan, PruningPlan):
+        return plan
+    return PruningPlan.load(plan)
+
+
 def _preview(items: list[str], limit: int = 4) -> str:
     shown = ", ".join(items[:limit])
     return f"{shown}, ..." if len(items) > limit else shown

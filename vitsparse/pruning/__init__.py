@@ -1,10 +1,21 @@
 """Pruning criteria: decide what to prune and express it as a PruningPlan.
 
-So far: block masks by magnitude (L1 norm) or at random (``block_mask_plan``), and ``prune``, which
-loads a model and parses a ``"ROWSxCOLS:KEEP"`` budget.
+So far, by magnitude (L1 norm) or at random: block masks (``block_mask_plan``), structures
+(heads, MLP neurons, embedding channels, token counts; ``structure_plan``), one plan composing both
+(``compose_plan``), and ``prune``, which loads a model and parses the budgets.
 """
 
-from vitsparse.pruning.api import parse_block_spec, prune
+from vitsparse.pruning.api import compose_plan, parse_block_spec, prune
 from vitsparse.pruning.block_mask import BLOCK_SCORES, DEFAULT_LAYERS, block_mask_plan
+from vitsparse.pruning.structure import parse_token_spec, structure_plan
 
-__all__ = ["BLOCK_SCORES", "DEFAULT_LAYERS", "block_mask_plan", "parse_block_spec", "prune"]
+__all__ = [
+    "BLOCK_SCORES",
+    "DEFAULT_LAYERS",
+    "block_mask_plan",
+    "compose_plan",
+    "parse_block_spec",
+    "parse_token_spec",
+    "prune",
+    "structure_plan",
+]

@@ -9,8 +9,11 @@ from pathlib import Path
 import torch
 
 from vitsparse.errors import ModelError, PlanError
-from vitsparse.plan import PruningPlan
+from vitsparse.plan import PruningPlan, weights_hash
+from vitsparse.plan_structure import Structure
 from vitsparse.pruning.block_mask import block_mask_plan
+from vitsparse.pruning.structure import structure_plan
+from vitsparse.pruning.structured_torch import apply_structure
 
 _BLOCK_SPEC = re.compile(r"\s*(\d+)\s*[xX]\s*(\d+)\s*:\s*([0-9.eE+-]+)\s*")
 
@@ -39,13 +42,19 @@ def prune(
     source: str | torch.nn.Module,
     *,
     method: str,
-    blocks: str,
+    blocks: str | None = None,
+    heads: float | None = None,
+    mlp: float | None = None,
+    embed: float | None = None,
+    tokens: str | None = None,
+    token_rule: str = "cls_attention",
     layers: Sequence[str] | None = None,
     seed: int = 0,
     checkpoint: str | Path | None = None,
     pretrained: bool = False,
 ) -> PruningPlan:
-    """Make a block-mask pruning plan for a model.
+    """Make a pruning plan for a model: structures (heads, MLP neurons, embedding channels,
+    tokens) and/or block masks, composed in one plan (the masks on the sliced weights).
 
     Parameters
     ----------
@@ -56,6 +65,11 @@ def prune(
         ``"magnitude"`` or ``"random"`` (see ``block_mask_plan``).
     blocks
         ``"ROWSxCOLS:KEEP"``: block size and the fraction of blocks each layer keeps.
+    heads, mlp, embed
+        Fractions of each block's heads and MLP neurons, and of the embedding channels, kept.
+    tokens, token_rule
+        ``"KEEP@BLOCKS"`` (e.g. ``"0.7@4,7,10"``) and its scoring rule; see
+        ``vitsparse.pruning.structure``.
     layers
         ``fnmatch`` patterns on linear layer names; default every linear layer of the
         transformer blocks.
@@ -80,8 +94,85 @@ def prune(
             f"pruning reads the PyTorch weights; {str(source)!r} is an ONNX file. Give the timm "
             "model name, with --checkpoint FILE for your weights"
         )
-    block, keep = parse_block_spec(blocks)
+    if blocks is None and all(v is None for v in (heads, mlp, embed, tokens)):
+        raise PlanError("nothing to prune: give blocks, heads, mlp, embed and/or tokens")
+    spec = None if blocks is None else parse_block_spec(blocks)
     model, model_id = load_torch_model(source, checkpoint=checkpoint, pretrained=pretrained)
-    return block_mask_plan(
-        model, model_id=model_id, block=block, keep=keep, method=method, layers=layers, seed=seed
+    return compose_plan(
+        model,
+        model_id=model_id,
+        method=method,
+        block_spec=spec,
+        structure=structure_plan(
+            model,
+            method=method,
+            heads=heads,
+            mlp=mlp,
+            embed=embed,
+            tokens=tokens,
+            token_rule=token_rule,
+            seed=seed,
+        ),
+        layers=layers,
+        seed=seed,
     )
+
+
+def compose_plan(
+    model: torch.nn.Module,
+    *,
+    model_id: str,
+    method: str,
+    structure: Structure | None,
+    block_spec: tuple[tuple[int, int], float] | None = None,
+    layers: Sequence[str] | None = None,
+    seed: int = 0,
+) -> PruningPlan:
+    """One plan from a structure and an optional block budget: the block masks are chosen on
+    the weights the structure leaves (``block_spec`` is ``((rows, cols), keep)``)."""
+    structure = None if structure is None or structure.empty else structure
+    budget: dict = {"seed": seed}
+    masks: dict = {}
+    if structure is not None:
+        budget["structure"] = _structure_budget(structure)
+    if block_spec is not None:
+        shaped = model if structure is None else apply_structure(model, structure)
+        block, keep = block_spec
+        masked = block_mask_plan(
+            shaped,
+            model_id=model_id,
+            block=block,
+            keep=keep,
+            method=method,
+            layers=layers,
+            seed=seed,
+        )
+        budget.update(masked.budget)
+        masks = dict(masked.layers)
+    return PruningPlan(
+        model_id=model_id,
+        weights_hash=weights_hash(model),
+        method=method,
+        budget=budget,
+        layers=masks,
+        structure=structure,
+    )
+
+
+def _structure_budget(structure: Structure) -> dict:
+    """What the structure keeps, in words a reader of the plan's budget can check."""
+    out: dict = {}
+    if structure.embed is not None:
+        out["embed"] = len(structure.embed.kept)
+    for name in ("heads", "mlp"):
+        counts = [
+            len(getattr(b, name).kept)
+            for b in structure.blocks.values()
+            if getattr(b, name) is not None
+        ]
+        if counts:
+            out[name] = counts
+    tokens = {str(i): b.tokens.keep for i, b in structure.blocks.items() if b.tokens is not None}
+    if tokens:
+        out["tokens"] = tokens
+    return out

@@ -25,10 +25,11 @@ from pathlib import Path
 import numpy as np
 
 from vitsparse._tvm import IRModule, ms, relax, structural_hash, tir, tvm
-from vitsparse.compiler import load_plan, prepare, set_num_threads
+from vitsparse.compiler import prepare, set_num_threads
 from vitsparse.errors import TargetError
 from vitsparse.frontend import import_model
 from vitsparse.passes import pipeline
+from vitsparse.plan import load_plan
 from vitsparse.schedules import bsr, cpu_rules, dense
 from vitsparse.schedules.database import open_target_database, target_dir
 from vitsparse.targets import resolve_target

@@ -1,0 +1,124 @@
+"""FLOPs of a (pruned) ViT: counted analytically from the geometry and a plan, or read off a Relax
+module's matmuls and convolutions.
+
+Convention: the multiply-accumulates (MACs) of the patch embedding, every linear layer, the two
+attention matmuls and the classifier; ``flops = 2 * macs``. (DeiT's and CP-ViT's "FLOPs" are these
+MACs: DeiT-S is 4.6 G.) Normalisation, softmax, GELU and residual adds are not counted. A
+block-masked layer counts its kept blocks only (its density times its dense MACs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from vitsparse.plan import PruningPlan, load_plan
+from vitsparse.plan_structure import Structure
+
+PARTS = ("patch_embed", "qkv", "attention", "proj", "mlp", "head")
+
+
+@dataclass(frozen=True)
+class FlopsReport:
+    """MACs of one forward pass, in total and per part (``PARTS`` for the analytic count,
+    ``matmul``/``conv2d`` for a Relax module)."""
+
+    model: str
+    batch: int
+    by_part: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def macs(self) -> int:
+        return sum(self.by_part.values())
+
+    @property
+    def flops(self) -> int:
+        return 2 * self.macs
+
+    def ratio(self, other: FlopsReport) -> float:
+        """This model's MACs over ``other``'s."""
+        return self.macs / other.macs
+
+
+def flops(source, plan: PruningPlan | str | None = None, *, batch: int = 1) -> FlopsReport:
+    """MACs/FLOPs of ``source`` pruned by ``plan``.
+
+    ``source`` is a timm model name or an ``nn.Module`` (analytic count from its geometry and
+    the plan), or a Relax ``IRModule`` (the MACs of the matmuls and convolutions its ``main``
+    runs, read from their shapes; ``plan`` must then be None, since the module already is what
+    it is).
+    """
+    from vitsparse._tvm import IRModule
+
+    if isinstance(source, IRModule):
+        if plan is not None:
+            raise ValueError("a Relax module is counted as it is; pass plan=None")
+        return _count_relax(source, batch)
+    from vitsparse.frontend import load_torch_model
+    from vitsparse.pruning.structured_torch import geometry_of
+
+    model, model_id = (
+        (source, type(source).__name__)
+        if isinstance(source, torch.nn.Module)
+        else load_torch_model(source)
+    )
+    plan = load_plan(plan)
+    geo = geometry_of(model)
+    structure = plan.structure if plan is not None and plan.structure is not None else Structure()
+    density = {} if plan is None else {name: m.density for name, m in plan.layers.items()}
+    embed = geo.embed_dim if structure.embed is None else len(structure.embed.kept)
+    prefix = geo.num_prefix_tokens
+    tokens = structure.token_schedule(geo.num_patches, geo.depth)
+    conv = model.patch_embed.proj
+    parts = dict.fromkeys(PARTS, 0)
+    parts["patch_embed"] = geo.num_patches * embed * conv.in_channels * _prod(conv.kernel_size)
+    for i in range(geo.depth):
+        block = structure.block(i)
+        heads = _kept(block.heads, geo.num_heads[i])
+        qk, v = _kept(block.qk_dims, geo.head_dim[i]), _kept(block.v_dims, geo.head_dim[i])
+        hidden = _kept(block.mlp, geo.mlp_dim[i])
+        n_in, n_out = prefix + tokens[i], prefix + tokens[i + 1]
+
+        def d(layer: str, i=i) -> float:
+            return density.get(f"blocks.{i}.{layer}", 1.0)
+
+        parts["qkv"] += round(n_in * embed * heads * (2 * qk + v) * d("attn.qkv"))
+        parts["attention"] += heads * n_in * n_in * (qk + v)
+        parts["proj"] += round(n_in * heads * v * embed * d("attn.proj"))
+        parts["mlp"] += round(n_out * embed * hidden * (d("mlp.fc1") + d("mlp.fc2")))
+    for head in (getattr(model, "head", None), getattr(model, "head_dist", None)):
+        if isinstance(head, torch.nn.Linear):
+            parts["head"] += embed * head.out_features
+    return FlopsReport(model_id, batch, {k: v * batch for k, v in parts.items()})
+
+
+def _kept(index_set, size: int) -> int:
+    return size if index_set is None else len(index_set.kept)
+
+
+def _prod(values) -> int:
+    out = 1
+    for v in values:
+        out *= int(v)
+    return out
+
+
+def _count_relax(mod, batch: int) -> FlopsReport:
+    from vitsparse._tvm import relax, struct_shape, tvm
+
+    total = {"matmul": 0, "conv2d": 0}
+
+    def visit(node):
+        if not (isinstance(node, relax.Call) and isinstance(node.op, tvm.ir.Op)):
+            return
+        if node.op.name == "relax.matmul":
+            out = struct_shape(node)
+            total["matmul"] += _prod(out) * struct_shape(node.args[0])[-1]
+        elif node.op.name == "relax.nn.conv2d":
+            out = struct_shape(node)
+            weight = struct_shape(node.args[1])
+            total["conv2d"] += _prod(out) * _prod(weight[1:])
+
+    relax.analysis.post_order_visit(mod["main"].body, visit)
+    return FlopsReport("relax module", batch, total)
