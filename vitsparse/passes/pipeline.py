@@ -49,9 +49,27 @@ class PipelineConfig:
     extra_phases: dict = field(default_factory=dict)
 
 
+def structural_passes(structure, graph) -> tvm.transform.Pass:
+    """The structural rewrite phase for a plan's structure, in the order the passes compose:
+    embedding channels, heads, MLP neurons, then tokens (whose pass needs the others' shapes)."""
+    from vitsparse.passes.prune_embedding import PruneEmbedding
+    from vitsparse.passes.prune_heads import PruneHeads, check_supported
+    from vitsparse.passes.prune_mlp import PruneMLP
+    from vitsparse.passes.prune_tokens import PruneTokens
+
+    check_supported(structure)  # a plan the passes cannot compile fails here, before any pass
+    return tvm.transform.Sequential(
+        [cls(structure, graph) for cls in (PruneEmbedding, PruneHeads, PruneMLP, PruneTokens)],
+        name="structure",
+    )
+
+
 def bind_params(mod: IRModule, params: dict[str, np.ndarray], func: str = "main") -> IRModule:
-    """Turn main's weight parameters into constants (the input stays a parameter)."""
-    bound = {k: tvm.runtime.tensor(v) for k, v in params.items()}
+    """Turn main's weight parameters into constants (the input stays a parameter), narrowed
+    first as the structural passes recorded (``passes._structure``)."""
+    from vitsparse.passes._structure import slice_params
+
+    bound = {k: tvm.runtime.tensor(v) for k, v in slice_params(mod, params, func).items()}
     return relax.transform.BindParams(func, bound)(mod)
 
 

@@ -1,0 +1,128 @@
+"""Structurally pruned ViTs on this x86 machine: compiled pruned vs compiled dense (and PyTorch),
+side by side in one process, with the FLOPs ratio beside the latency ratio.
+
+For each model and structural budget (magnitude criteria: `vitsparse.pruning.structure`), makes
+the plan, runs ``vitsparse.report.bench`` with the dense and pruned rows, and counts the FLOPs of
+both (``vitsparse.flops``). Writes ``docs/results/structured_x86.json`` and ``.md``.
+
+    python benchmarks/structured.py        # deit_small: heads+MLP 0.5; tokens 0.7@4,7,10
+    python benchmarks/structured.py --models deit_tiny_patch16_224
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from _common import add_common_args, reproduce_block
+
+import vitsparse
+from vitsparse._io import write_text_atomic
+from vitsparse.frontend import load_torch_model
+from vitsparse.pruning import compose_plan, structure_plan
+from vitsparse.report import bench, host_info
+
+RUNTIMES = ("torch-eager", "torch-pruned", "tvm-dense", "tvm-pruned")
+STEM = "structured_x86"
+# name -> structure_plan arguments
+BUDGETS = {
+    "heads 0.5 + mlp 0.5": {"heads": 0.5, "mlp": 0.5},
+    "tokens 0.7@4,7,10": {"tokens": "0.7@4,7,10"},
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    threads = args.threads or os.cpu_count() or 1
+    command = shlex.join(
+        ["python", "benchmarks/structured.py", *(sys.argv[1:] if argv is None else argv)]
+    )
+    say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    runs = []
+    for model_name in args.models:
+        model, model_id = load_torch_model(model_name)
+        dense_flops = vitsparse.flops(model)
+        for budget in args.budgets:
+            structure = structure_plan(model, method="magnitude", **BUDGETS[budget])
+            plan = compose_plan(model, model_id=model_id, method="magnitude", structure=structure)
+            report = bench(
+                model,
+                target="x86",
+                threads=threads,
+                repeat=args.repeat,
+                number=args.number,
+                plan=plan,
+                include=RUNTIMES,
+                progress=say,
+            )
+            print(report.table() + "\n", flush=True)
+            runs.append(
+                {
+                    "model": model_name,
+                    "budget": budget,
+                    "flops_ratio": vitsparse.flops(model, plan).ratio(dense_flops),
+                    "report": report,
+                }
+            )
+    date = time.strftime("%Y-%m-%d %H:%M:%S %z")
+    host = host_info()
+    suite = {
+        "command": command,
+        "date": date,
+        "threads": threads,
+        "host": host,
+        "runs": [{k: (v.to_json() if k == "report" else v) for k, v in r.items()} for r in runs],
+    }
+    outdir = Path(args.outdir)
+    write_text_atomic(outdir / f"{STEM}.json", json.dumps(suite, indent=2) + "\n")
+    write_text_atomic(outdir / f"{STEM}.md", _markdown(runs, command, date, threads, host))
+    print(f"wrote {outdir / STEM}.json and .md", file=sys.stderr)
+    return 0
+
+
+def _markdown(runs, command, date, threads, host) -> str:
+    lines = [
+        "# Structurally pruned ViTs on x86: compiled pruned vs compiled dense",
+        "",
+        f"- host: {host['cpu_model']} (LLVM `{host['llvm_cpu']}`, {host['simd']}), "
+        f"{threads} threads per runtime; date {date}; batch 1; random model weights",
+        "- magnitude criteria (vitsparse.pruning.structure); torch-pruned is the plan applied to "
+        "the PyTorch model (apply_plan_to_torch), the reference tvm-pruned is checked against",
+        "- FLOPs: vitsparse.flops (MACs of the matmuls and the patch embedding); latency: median "
+        "of `repeat` samples, each the mean of `number` runs, after warm-up",
+        *reproduce_block(command),
+        "| model | budget | FLOPs pruned/dense | tvm-dense ms | tvm-pruned ms | speedup "
+        "| latency pruned/dense | latency ratio / FLOPs ratio | max err vs torch-pruned |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for run in runs:
+        rows = {row.runtime: row for row in run["report"].rows}
+        dense, pruned = rows["tvm-dense"].median_ms, rows["tvm-pruned"].median_ms
+        latency = pruned / dense
+        lines.append(
+            f"| {run['model']} | {run['budget']} | {run['flops_ratio']:.3f} | {dense:.2f} "
+            f"| {pruned:.2f} | {dense / pruned:.2f}x | {latency:.3f} "
+            f"| {latency / run['flops_ratio']:.2f} "
+            f"| {rows['tvm-pruned'].max_abs_err_vs_torch:.1e} |"
+        )
+    lines += ["", ""]
+    return "\n".join(lines) + "\n".join(r["report"].to_markdown() for r in runs)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=["deit_small_patch16_224"], metavar="NAME")
+    p.add_argument(
+        "--budgets", nargs="+", default=list(BUDGETS), choices=list(BUDGETS), metavar="BUDGET"
+    )
+    add_common_args(p, number=5)
+    return p
+
+
+if __name__ == "__main__":
+    sys.exit(main())
