@@ -46,8 +46,9 @@ def test_follow_reshape():
     assert follow_reshape((1, 17, 4, 16), (1, 17, 64), (1, 17, 2, 16)) == (1, 17, 32)
     assert follow_reshape((1, 4, 17, 17), (4, 17, 17), (1, 2, 9, 9)) == (2, 9, 9)
     assert follow_reshape((64,), (1, 64, 1, 1), (48,)) == (1, 48, 1, 1)
+    assert follow_reshape((8, 17, 17), (2, 4, 17, 17), (4, 9, 9)) == (2, 2, 9, 9)  # B*heads
     with pytest.raises(ValueError, match="ambiguous"):
-        follow_reshape((1, 17, 192), (1, 17, 3, 4, 16), (1, 17, 96))
+        follow_reshape((2, 96), (4, 3, 16), (2, 48))
 
 
 def test_prune_mlp_narrows_the_weights_in_the_ir(tiny):

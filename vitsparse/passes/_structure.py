@@ -33,8 +33,9 @@ def follow_reshape(
 ) -> tuple[int, ...]:
     """The target a reshape needs when its input changes from ``old_in`` to ``new_in``: groups of
     input dims that merged into one output dim merge again, dims carried over stay carried,
-    unit dims inserted or dropped stay so. A changed dim that the reshape split is ambiguous
-    (ValueError): the pass that changed it must say how the split goes."""
+    unit dims inserted or dropped stay so, and a changed dim split into several keeps the outer
+    sizes (the innermost absorbs the change). Anything else is ambiguous (ValueError): the pass
+    that changed it must say how the reshape goes."""
     if old_in == new_in:
         return old_out
     out = list(old_out)
@@ -67,12 +68,20 @@ def follow_reshape(
         new_group = [new_in[k] for k in group_in]
         if old_group == new_group:
             continue
-        if len(group_out) != 1:
+        size = int(np.prod(new_group))
+        if len(group_out) == 1:
+            out[group_out[0]] = size
+            continue
+        # A split of a changed size: the outer dims keep their sizes (they are batch-like, which
+        # no pass changes: B*heads -> (B, heads)) and the innermost absorbs the change. A split
+        # where that is wrong (qkv -> (3, heads, head_dim)) is overridden by its pass.
+        outer = int(np.prod([old_out[k] for k in group_out[:-1]]))
+        if len(group_in) != 1 or size % outer:
             raise ValueError(
                 f"reshape {old_in} -> {old_out}: dims {old_group} became {new_group} and are "
                 f"split into {[old_out[k] for k in group_out]}; the split is ambiguous"
             )
-        out[group_out[0]] = int(np.prod(new_group))
+        out[group_out[-1]] = size // outer
     return tuple(out)
 
 

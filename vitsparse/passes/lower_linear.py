@@ -9,8 +9,8 @@ Matches, in every Relax function of the module,
 
 where W and b are constants (run after BindParams), and replaces them with one call_tir of
 ``schedules.dense`` with the weight packed at compile time. x may have any rank >= 2; it is
-viewed as (rows, K). Layers whose output width is not a multiple of the packing panel stay as
-they are and go through the generic path.
+viewed as (rows, K). Layers whose output width is not a multiple of the packing panel, or with a
+single input feature, stay as they are and go through the generic path.
 """
 
 from __future__ import annotations
@@ -110,7 +110,9 @@ class _LowerLinearMutator(relax.PyExprMutator):
     def visit_call_(self, call):
         call = super().visit_call_(call)
         lin = self._match_linear(call)
-        if lin is None or lin.weight.shape[0] % dense.PANEL:
+        # Outputs must fill packing panels; a single input feature (an MLP pruned to one
+        # neuron) has no reduction loop to schedule. Both go through the generic path.
+        if lin is None or lin.weight.shape[0] % dense.PANEL or lin.weight.shape[1] < 2:
             return call
         return self._emit_linear(lin, "none")
 
