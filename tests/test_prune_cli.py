@@ -104,6 +104,11 @@ def test_prune_with_random_weights_says_so(capsys, tmp_path):
             ["--blocks", "32x32:0.5", "--checkpoint", "missing.pth"],
             "checkpoint file 'missing.pth' .* does not exist",
         ),
+        ([], "nothing to prune: give blocks, heads, mlp, embed and/or tokens"),
+        (["--heads", "0"], r"heads must be a kept fraction in \(0, 1\], got 0.0"),
+        (["--tokens", "0.7@4,13"], r"blocks must be distinct numbers in 1..12"),
+        (["--tokens", "0.7:4"], "token spec '0.7:4' is not KEEP@BLOCKS"),
+        (["--mlp", "0.3", "--blocks", "32x32:0.5"], "block 32x32 does not divide"),
     ],
 )
 def test_bad_input_exits_2_and_writes_nothing(capsys, tmp_path, args, message):
@@ -150,3 +155,28 @@ def test_output_must_be_a_file(capsys, tmp_path):
     with pytest.raises(SystemExit):
         main(["prune", DEIT, "--method", "random", "--blocks", "8x8:0.5", "-o", str(tmp_path)])
     assert "is a directory, not a file name" in capsys.readouterr().err
+
+
+def test_prune_structure_and_blocks_in_one_plan(capsys, tmp_path, checkpoint):
+    out = tmp_path / "plan.json"
+    code, stdout, stderr = _main(
+        capsys,
+        *("prune", DEIT, "--method", "magnitude", "--heads", "0.5", "--mlp", "0.5"),
+        *("--embed", "0.75", "--tokens", "0.7@4,7,10", "--blocks", "16x16:0.5"),
+        *("--checkpoint", checkpoint, "-o", out),
+    )
+    assert code == 0, stderr
+    plan = PruningPlan.load(out)
+    assert plan.version == 2 and len(plan.layers) == 48
+    structure = plan.structure
+    assert len(structure.embed.kept) == 144
+    assert [len(structure.block(i).heads.kept) for i in range(12)] == [2] * 12
+    assert [len(structure.block(i).mlp.kept) for i in range(12)] == [384] * 12
+    assert structure.token_schedule(196, 12) == [196] * 4 + [137] * 3 + [96] * 3 + [67] * 3
+    qkv = plan.layers["blocks.0.attn.qkv"]
+    assert qkv.weight_shape == (2 * 3 * 64, 144)  # the mask is on the sliced weight
+    model, _ = load_torch_model(DEIT, checkpoint=checkpoint)
+    validate_plan(plan, model)
+    lines = dict(line.split(maxsplit=1) for line in stdout.splitlines())
+    assert lines["heads"] == "kept per block: " + ", ".join(["2"] * 12)
+    assert lines["tokens"].startswith("patch tokens kept: 137 after block 4, 96 after block 7")
