@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vitsparse.plan import PruningPlan, load_plan
-from vitsparse.plan_structure import Structure
+from vitsparse.plan_structure import Structure, check_against
 
 PARTS = ("patch_embed", "qkv", "attention", "proj", "mlp", "head")
 
@@ -66,6 +66,7 @@ def flops(source, plan: PruningPlan | str | None = None, *, batch: int = 1) -> F
     plan = load_plan(plan)
     geo = geometry_of(model)
     structure = plan.structure if plan is not None and plan.structure is not None else Structure()
+    check_against(structure, geo, model_id)  # counts only mean something for a plan that fits
     density = {} if plan is None else {name: m.density for name, m in plan.layers.items()}
     embed = geo.embed_dim if structure.embed is None else len(structure.embed.kept)
     prefix = geo.num_prefix_tokens
