@@ -139,12 +139,24 @@ def test_uneven_heads_and_dims_per_block(tiny):
     _check(tiny, _plan(tiny, structure))
 
 
-def test_unequal_qk_and_v_widths_are_refused_before_compiling(tiny):
+def test_unequal_qk_and_v_widths_compile_exactly(tiny):
+    # NViT-style: 4 query/key dims and 12 value dims per head (q/k padded to 12 with zeros).
     structure = Structure(
-        blocks={0: BlockStructure(qk_dims=IndexSet(16, (0, 1)), v_dims=IndexSet(16, (0, 1, 2)))}
+        blocks={
+            0: BlockStructure(
+                qk_dims=IndexSet(16, (0, 5, 9, 15)), v_dims=IndexSet(16, tuple(range(12)))
+            ),
+            1: BlockStructure(heads=IndexSet(4, (2, 3)), v_dims=IndexSet(16, (3, 4))),
+        }
     )
-    with pytest.raises(PlanError, match="query/key and 3 value dims"):
-        compile_model(tiny, target="x86", plan=_plan(tiny, structure))
+    _check(tiny, _plan(tiny, structure), batch=2)
+
+
+def test_padded_attention_with_a_block_mask_is_refused_before_compiling(tiny):
+    structure = Structure(blocks={0: BlockStructure(qk_dims=IndexSet(16, tuple(range(8))))})
+    plan = _plan(tiny, structure, block_spec=((16, 16), 0.5))
+    with pytest.raises(PlanError, match=r"block 0: q/k and v keep different numbers of dims"):
+        compile_model(tiny, target="x86", plan=plan)
 
 
 @st.composite
@@ -155,7 +167,6 @@ def _structures(draw):
 
     blocks, left = {}, 16
     for index in range(3):
-        dims = subset(16) if draw(st.booleans()) else None
         tokens = None
         if draw(st.booleans()):
             left = draw(st.integers(1, left))
@@ -163,8 +174,8 @@ def _structures(draw):
             tokens = TokenKeep(left, rule)
         blocks[index] = BlockStructure(
             heads=subset(4) if draw(st.booleans()) else None,
-            qk_dims=dims,
-            v_dims=dims,
+            qk_dims=subset(16) if draw(st.booleans()) else None,
+            v_dims=subset(16) if draw(st.booleans()) else None,
             mlp=subset(128) if draw(st.booleans()) else None,
             tokens=tokens,
         )

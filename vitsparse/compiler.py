@@ -274,7 +274,8 @@ def prepare(imported: ImportedModel, spec: TargetSpec, plan=None, *, database=No
         if imported.torch_model is not None:
             validate_plan(plan, imported.torch_model)
         if plan.structure is not None and not plan.structure.empty:
-            mod = pipeline.structural_passes(plan.structure, imported.graph)(mod)
+            passes = pipeline.structural_passes(plan.structure, imported.graph, plan.layers)
+            mod = passes(mod)
         mod = AnnotatePruning(plan, imported.graph)(mod)
         sparsify = BlockSparsify(_break_even(spec), decisions)
     config = pipeline.PipelineConfig(

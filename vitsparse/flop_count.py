@@ -4,7 +4,9 @@ module's matmuls and convolutions.
 Convention: the multiply-accumulates (MACs) of the patch embedding, every linear layer, the two
 attention matmuls and the classifier; ``flops = 2 * macs``. (DeiT's and CP-ViT's "FLOPs" are these
 MACs: DeiT-S is 4.6 G.) Normalisation, softmax, GELU and residual adds are not counted. A
-block-masked layer counts its kept blocks only (its density times its dense MACs).
+block-masked layer counts its kept blocks only (its density times its dense MACs). The analytic
+count is of the plan as PyTorch runs it: where a block keeps q/k and v dims of different sizes the
+compiled model pads the narrower to the wider (PruneHeads), which is not counted.
 """
 
 from __future__ import annotations

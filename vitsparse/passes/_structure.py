@@ -3,8 +3,9 @@ and insertions after chosen bindings.
 
 A structural pass replaces weight parameters of ``main`` by narrower ones (same names, fewer rows
 or columns) and records each slice in the function attribute ``vitsparse.param_slices``
-(``{param: [[axis, [indices...]], ...]}``, applied in order): `slice_params` applies them to the
-weights before binding, so the IR says which weights it expects. Re-emitting ``main`` then
+(``{param: [[axis, [indices...]], ...]}``, applied in order; an index of -1 stands for a row or
+column of zeros, for padding): `slice_params` applies them to the weights before binding, so the
+IR says which weights it expects. Re-emitting ``main`` then
 re-derives every shape; the ops that spell shapes out (``reshape``, ``broadcast_to``) follow
 their inputs (`follow_reshape`), and a pass may override a reshape it knows better (the
 qkv split into heads).
@@ -197,6 +198,11 @@ def slice_params(mod, params: dict[str, np.ndarray], func_name: str = "main") ->
     for name, chain in steps.items():
         value = out[name]
         for axis, kept in chain:
-            value = np.take(value, kept, axis=axis)
+            index = np.asarray(kept)
+            value = np.take(value, np.maximum(index, 0), axis=axis)
+            if (index < 0).any():  # -1: a zero row/column (padding)
+                shape = [1] * value.ndim
+                shape[axis] = index.size
+                value = value * (index >= 0).reshape(shape).astype(value.dtype)
         out[name] = np.ascontiguousarray(value)
     return out

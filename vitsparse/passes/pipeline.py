@@ -49,15 +49,16 @@ class PipelineConfig:
     extra_phases: dict = field(default_factory=dict)
 
 
-def structural_passes(structure, graph) -> tvm.transform.Pass:
+def structural_passes(structure, graph, masked_layers=()) -> tvm.transform.Pass:
     """The structural rewrite phase for a plan's structure, in the order the passes compose:
-    embedding channels, heads, MLP neurons, then tokens (whose pass needs the others' shapes)."""
+    embedding channels, heads, MLP neurons, then tokens (whose pass needs the others' shapes).
+    ``masked_layers``: the plan's block-masked layer names (checked for compatibility)."""
     from vitsparse.passes.prune_embedding import PruneEmbedding
     from vitsparse.passes.prune_heads import PruneHeads, check_supported
     from vitsparse.passes.prune_mlp import PruneMLP
     from vitsparse.passes.prune_tokens import PruneTokens
 
-    check_supported(structure)  # a plan the passes cannot compile fails here, before any pass
+    check_supported(structure, masked_layers)  # fails here, before any pass runs
     return tvm.transform.Sequential(
         [cls(structure, graph) for cls in (PruneEmbedding, PruneHeads, PruneMLP, PruneTokens)],
         name="structure",

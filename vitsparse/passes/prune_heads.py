@@ -5,9 +5,12 @@ weight keeps, in order, the q rows, the k rows and the v rows of those heads and
 proj's weight keeps the matching columns; the attention runs with ``len(H)`` heads. The scale
 stays the unpruned ``head_dim ** -0.5`` (see vitsparse.pruning.structured_torch).
 
-The import's attention splits qkv with one reshape to ``(B, N, 3, heads, head_dim)``; that needs
-``Dq`` and ``Dv`` of the same size, which this pass requires (a plan with different query/key and
-value widths is refused here with a clear error).
+The import's attention splits qkv with one reshape to ``(B, N, 3, heads, head_dim)``, which needs
+one width for q, k and v. When ``Dq`` and ``Dv`` differ in size (NViT), the narrower side is padded
+with zero rows of qkv (and zero columns of proj) up to the wider: a zero query/key dimension adds
+nothing to the attention scores and a zero value dimension nothing to the output, so the result
+is exact, at the cost of the padded multiply-adds. Such a block cannot also carry a block mask on
+qkv or proj (the mask would be for the unpadded weight).
 """
 
 from __future__ import annotations
@@ -19,17 +22,28 @@ from vitsparse.passes._structure import rewrite_main
 from vitsparse.plan_structure import Structure
 
 
-def check_supported(structure: Structure) -> None:
-    """Raise PlanError for what this pass cannot compile: unequal q/k and v widths in a block."""
+def check_supported(structure: Structure, masked_layers=()) -> None:
+    """Raise PlanError for what this pass cannot compile: a block whose q/k and v widths differ
+    (so its qkv/proj are padded) and whose qkv or proj also has a block mask."""
     for index, part in structure.blocks.items():
-        qk, v = part.qk_dims, part.v_dims
-        n_qk = None if qk is None else len(qk.kept)
-        n_v = None if v is None else len(v.kept)
-        size = (qk or v).size if (qk or v) is not None else None
-        if (n_qk or size) != (n_v or size):
+        if part.qk_dims is None or part.v_dims is None:
+            sizes = {len(s.kept) for s in (part.qk_dims, part.v_dims) if s is not None}
+            full = (part.qk_dims or part.v_dims).size if sizes else None
+            sizes.add(full)
+        else:
+            sizes = {len(part.qk_dims.kept), len(part.v_dims.kept)}
+        if len(sizes - {None}) < 2:
+            continue
+        masked = [
+            name
+            for name in (f"blocks.{index}.attn.qkv", f"blocks.{index}.attn.proj")
+            if name in masked_layers
+        ]
+        if masked:
             raise PlanError(
-                f"block {index}: {n_qk or size} query/key and {n_v or size} value dims per head; "
-                "compiling needs them equal in number (the import splits qkv in one reshape)"
+                f"block {index}: q/k and v keep different numbers of dims, so its attention "
+                f"weights are padded when compiled; a block mask on {', '.join(masked)} cannot "
+                "be combined with that"
             )
 
 
@@ -53,7 +67,6 @@ class PruneHeads:
         self.graph = graph
 
     def transform_module(self, mod, _ctx):
-        check_supported(self.structure)
         slices, split_shapes = {}, {}
         for block in self.graph.blocks:
             part = self.structure.block(block.index)
@@ -63,9 +76,11 @@ class PruneHeads:
             full = list(range(block.head_dim))
             qk = full if part.qk_dims is None else list(part.qk_dims.kept)
             v = full if part.v_dims is None else list(part.v_dims.kept)
-            hd, width = block.head_dim, block.num_heads * block.head_dim
+            width = max(len(qk), len(v))  # pad the narrower with -1: zero rows/columns
+            qk, v = qk + [-1] * (width - len(qk)), v + [-1] * (width - len(v))
+            hd, attn = block.head_dim, block.num_heads * block.head_dim
             rows = [
-                part_i * width + h * hd + d
+                -1 if d < 0 else part_i * attn + h * hd + d
                 for part_i, dims in enumerate((qk, qk, v))
                 for h in heads
                 for d in dims
@@ -73,7 +88,7 @@ class PruneHeads:
             slices[block.qkv_weight] = (0, rows)
             if block.qkv_bias is not None:
                 slices[block.qkv_bias] = (0, rows)
-            slices[block.proj_weight] = (1, [h * hd + d for h in heads for d in v])
+            slices[block.proj_weight] = (1, [-1 if d < 0 else h * hd + d for h in heads for d in v])
             split_shapes[block.index] = (block.num_heads, hd, len(heads), len(v))
         if not slices:
             return mod
