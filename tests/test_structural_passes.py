@@ -213,3 +213,11 @@ def test_deit_small_distilled_keeps_both_prefix_tokens():
     structure = structure_plan(model, heads=0.5, embed=0.75, tokens="0.7@4,7,10")
     plan = compose_plan(model, model_id=model_id, method="magnitude", structure=structure)
     _check(model.eval(), plan)
+
+
+def test_structural_plans_need_the_pytorch_import(tiny, tmp_path):
+    path = tmp_path / "tiny.onnx"
+    torch.onnx.export(tiny, (torch.zeros(1, 3, 32, 32),), str(path), dynamo=True, verbose=False)
+    plan = _plan(tiny, structure_plan(tiny, mlp=0.5))
+    with pytest.raises(PlanError, match="compiles PyTorch imports only"):
+        compile_model(path, target="x86", plan=plan)

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from vitsparse._tvm import relax, tvm
-from vitsparse.errors import ArtifactError, TargetError
+from vitsparse.errors import ArtifactError, PlanError, TargetError
 from vitsparse.frontend import ImportedModel, import_model
 from vitsparse.passes import pipeline
 from vitsparse.passes.annotate_pruning import AnnotatePruning
@@ -274,6 +274,11 @@ def prepare(imported: ImportedModel, spec: TargetSpec, plan=None, *, database=No
         if imported.torch_model is not None:
             validate_plan(plan, imported.torch_model)
         if plan.structure is not None and not plan.structure.empty:
+            if imported.torch_model is None:
+                raise PlanError(
+                    f"{imported.model_id}: structural pruning (heads, MLP, embedding, tokens) "
+                    "compiles PyTorch imports only; give the timm name or nn.Module, not ONNX"
+                )
             passes = pipeline.structural_passes(plan.structure, imported.graph, plan.layers)
             mod = passes(mod)
         mod = AnnotatePruning(plan, imported.graph)(mod)
