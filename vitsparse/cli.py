@@ -16,6 +16,7 @@ from pathlib import Path
 from vitsparse.errors import ArtifactError, ModelError, PlanError, VitsparseError
 
 DEMO_MODEL = "deit_tiny_patch16_224"
+DIGITS_MODEL = "vitsparse/digits_vit"  # vitsparse.data.digits.DIGITS_MODEL (not imported: torch)
 EXIT_USAGE = 2
 
 
@@ -82,6 +83,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--plan", metavar="PLAN.json", help="tune the model pruned by this plan (BSR kernels too)"
     )
     p.set_defaults(run=_tune)
+
+    p = commands.add_parser(
+        "eval", help="top-1 accuracy of a model (and of it pruned), and the pruned fidelity"
+    )
+    p.add_argument("model", metavar="MODEL", help="timm model name or vitsparse/digits_vit")
+    p.add_argument(
+        "--data",
+        required=True,
+        metavar="SRC",
+        help="ImageFolder directory, 'digits' (held-out split), 'digits-train' or 'synthetic'",
+    )
+    p.add_argument("--plan", metavar="PLAN.json", help="also evaluate the model pruned by it")
+    p.add_argument("--limit", type=_positive_int, metavar="N", help="use at most N images")
+    p.add_argument("--checkpoint", metavar="FILE", help="torch.save'd weights for MODEL")
+    p.add_argument("--pretrained", action="store_true", help="timm's pretrained weights")
+    p.add_argument("--json", type=_output_file, metavar="FILE", help="write the report as JSON")
+    p.set_defaults(run=_eval)
 
     p = commands.add_parser("prune", help="make a pruning plan (JSON) for a model")
     p.add_argument("model", metavar="MODEL", help="timm model name")
@@ -268,11 +286,32 @@ def _prune(args: argparse.Namespace) -> None:
         )
         print(f"flops     {plan.kept_mac_fraction:.1%} of the masked layers' multiply-adds kept")
     print(f"plan      {args.output}")
-    if args.checkpoint is None and not args.pretrained:
+    if args.checkpoint is None and not args.pretrained and args.model != DIGITS_MODEL:
         print(
             "note      timm's random weights (no --checkpoint/--pretrained): the plan's weights "
             "hash matches no other instance of the model"
         )
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from vitsparse.data.sources import load_images
+    from vitsparse.evaluate import evaluate
+    from vitsparse.frontend import load_torch_model
+    from vitsparse.plan import load_plan
+
+    plan = load_plan(args.plan)  # a bad plan file fails before the model loads
+    model, model_id = load_torch_model(
+        _model_source(args.model), checkpoint=args.checkpoint, pretrained=args.pretrained
+    )
+    size = model.patch_embed.img_size[0]
+    data = load_images(args.data, image_size=size, limit=args.limit)
+    report = evaluate(model, data, plan)
+    print(f"model     {model_id}")
+    print(report.summary())
+    if args.json is not None:
+        from vitsparse._io import write_text_atomic
+
+        write_text_atomic(args.json, json.dumps(report.to_json(), indent=2) + "\n")
 
 
 def _demo(args: argparse.Namespace) -> None:

@@ -32,3 +32,7 @@ class ArtifactError(VitsparseError):
 
 class PlanError(VitsparseError):
     """A pruning plan, or a request to make one, that is invalid or does not fit the model."""
+
+
+class DataError(VitsparseError):
+    """Calibration or evaluation data that cannot be used (missing, empty, wrong shape)."""

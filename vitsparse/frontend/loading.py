@@ -15,6 +15,9 @@ from vitsparse.errors import ModelError
 _STATE_DICT_KEYS = ("model", "state_dict", "model_state_dict")
 
 
+_BUILTIN_DIGITS = "vitsparse/digits_vit"  # vitsparse.data.digits.DIGITS_MODEL
+
+
 def load_torch_model(
     source: str | torch.nn.Module,
     *,
@@ -26,7 +29,9 @@ def load_torch_model(
     Parameters
     ----------
     source
-        A timm model name (``"deit_tiny_patch16_224"``, a ``.tag`` suffix is allowed) or a module.
+        A timm model name (``"deit_tiny_patch16_224"``, a ``.tag`` suffix is allowed), the
+        built-in ``"vitsparse/digits_vit"`` (trained here on scikit-learn's digits, cached), or a
+        module.
     checkpoint
         A local file saved with ``torch.save``: a state dict, or a dict holding one under
         ``"model"``, ``"state_dict"`` or ``"model_state_dict"``. Loaded with ``weights_only=True``
@@ -52,6 +57,12 @@ def load_torch_model(
                 "its own weights (pass a checkpoint to load others)"
             )
         model, model_id = source, _module_id(source)
+    elif isinstance(source, str) and source == _BUILTIN_DIGITS:
+        from vitsparse.data.digits import digits_vit
+
+        if pretrained:
+            raise ModelError(f"{source!r} is trained here; it has no pretrained weights")
+        model, model_id = digits_vit(), source
     elif isinstance(source, str):
         model, model_id = _create_timm_model(source, pretrained=pretrained), source
     else:
