@@ -27,8 +27,9 @@ tokens always stay, and a dropped token never returns (``keep`` counts patch tok
 exceed what is left). Rules:
 
 - ``cls_attention`` (EViT): the class token's attention to each patch token, averaged over heads.
-- ``cumulative_attention`` (CP-ViT): the attention each patch token receives, averaged over heads
-  and queries, summed over this and every earlier block (the sum follows the surviving tokens).
+- ``cumulative_attention`` (CP-ViT): per block, the strongest attention any query pays to the
+  patch token, summed over heads; accumulated over this and every earlier block (the sum follows
+  the surviving tokens).
 """
 
 from __future__ import annotations

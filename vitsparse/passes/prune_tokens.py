@@ -7,8 +7,8 @@ shapes of everything after follow (``passes._structure``). Scores (see
 vitsparse.plan_structure) are computed from the block's softmax output:
 
 - ``cls_attention``: the class token's row, averaged over heads;
-- ``cumulative_attention``: the column means over heads and queries, summed from block 0 on and
-  gathered along with the tokens.
+- ``cumulative_attention``: per head the column maxima (over queries), summed over heads,
+  accumulated from block 0 on and gathered along with the tokens.
 """
 
 from __future__ import annotations
@@ -95,7 +95,8 @@ class PruneTokens:
     def _accumulate(state, prefix):
         def hook(bb, probs, _lookup):
             n = struct_shape(probs)[-1]
-            received = bb.emit(relax.op.mean(probs, axis=[1, 2]))  # (B, N)
+            strongest = bb.emit(relax.op.max(probs, axis=[2]))  # (B, H, N): over queries
+            received = bb.emit(relax.op.sum(strongest, axis=[1]))  # (B, N)
             received = bb.emit(relax.op.strided_slice(received, [1], [prefix], [n]))
             previous = state["cumulative"]
             state["cumulative"] = (

@@ -126,8 +126,8 @@ class PrunedBlock(nn.Module):
     def forward(self, x: torch.Tensor, cumulative: torch.Tensor | None):
         out, attn = self.attn(self.norm1(x))
         x = x + self.ls1(out)
-        # Attention each patch token receives, averaged over heads and queries (CP-ViT).
-        received = attn.mean(dim=1).mean(dim=1)[:, self.prefix :]
+        # CP-ViT: per head the strongest attention any query pays to the token, summed over heads.
+        received = attn.amax(dim=2).sum(dim=1)[:, self.prefix :]
         cumulative = received if cumulative is None else cumulative + received
         if self.tokens is not None:
             if self.tokens.rule == "cls_attention":
