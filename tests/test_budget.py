@@ -16,8 +16,8 @@ def test_parse():
     [
         ("flops:0.5", "not METRIC=FRACTION"),
         ("latency=0.5", "not METRIC=FRACTION"),
-        ("flops=1.5", r"flops=1.5 is not a fraction in \(0, 1\]"),
-        ("flops=0", "is not a fraction"),
+        ("flops=1.5", r"flops=1.5 is not a kept fraction in \(0, 1\]"),
+        ("flops=0", "is not a kept fraction"),
         ("flops=abc", "not METRIC=FRACTION"),
     ],
 )
