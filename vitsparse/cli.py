@@ -108,8 +108,17 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         type=_prune_method,
         metavar="M",
-        help="score: magnitude (largest L1 norm kept) or random",
+        help="criterion: magnitude (largest L1 norm kept), random, or lpvit (block Taylor "
+        "scores allocated across layers under --budget)",
     )
+    p.add_argument("--budget", metavar="flops=F", help="what lpvit keeps, e.g. flops=0.5")
+    p.add_argument(
+        "--calib",
+        metavar="SRC",
+        help="calibration images for lpvit: ImageFolder directory, 'digits-train', 'digits' or "
+        "'synthetic' (default)",
+    )
+    p.add_argument("--calib-size", type=_positive_int, default=256, metavar="N")
     p.add_argument(
         "--blocks",
         metavar="RxC:KEEP",
@@ -259,6 +268,9 @@ def _prune(args: argparse.Namespace) -> None:
         embed=args.embed,
         tokens=args.tokens,
         token_rule=args.token_rule,
+        budget=args.budget,
+        calib=args.calib,
+        calib_size=args.calib_size,
         layers=args.layers,
         seed=args.seed,
         checkpoint=args.checkpoint,
@@ -278,13 +290,20 @@ def _prune(args: argparse.Namespace) -> None:
         print(f"tokens    patch tokens kept: {after} ({args.token_rule})")
     if plan.layers:
         densities = [mask.density for mask in plan.layers.values()]
-        print(f"layers    {len(plan.layers)} linear layers ({', '.join(plan.budget['layers'])})")
-        print(f"blocks    {plan.budget['blocks']}, keep {plan.budget['keep']:g}")
+        if "keep" in plan.budget:
+            names = ", ".join(plan.budget["layers"])
+            print(f"layers    {len(plan.layers)} linear layers ({names})")
+            print(f"blocks    {plan.budget['blocks']}, keep {plan.budget['keep']:g}")
+        else:
+            budget = ", ".join(f"{k}={v}" for k, v in plan.budget.items() if k != "beta")
+            print(f"layers    {len(plan.layers)} linear layers, densities chosen by {plan.method}")
+            print(f"budget    {budget}")
         print(
             f"density   mean {plan.mean_density:.3f} (min {min(densities):.3f}, "
             f"max {max(densities):.3f})"
         )
         print(f"flops     {plan.kept_mac_fraction:.1%} of the masked layers' multiply-adds kept")
+    _print_prediction(args, plan)
     print(f"plan      {args.output}")
     if args.checkpoint is None and not args.pretrained and args.model != DIGITS_MODEL:
         print(
@@ -312,6 +331,29 @@ def _eval(args: argparse.Namespace) -> None:
         from vitsparse._io import write_text_atomic
 
         write_text_atomic(args.json, json.dumps(report.to_json(), indent=2) + "\n")
+
+
+def _print_prediction(args: argparse.Namespace, plan) -> None:
+    """Predicted FLOPs of the pruned model; with --calib and reproducible weights (a checkpoint,
+    pretrained or the built-in model), its fidelity to the dense model on those images."""
+    from vitsparse.flop_count import flops
+    from vitsparse.frontend import load_torch_model
+
+    model, _ = load_torch_model(args.model, checkpoint=args.checkpoint, pretrained=args.pretrained)
+    kept = flops(model, plan).ratio(flops(model))
+    print(f"predicted {kept:.1%} of the model's FLOPs kept ({flops(model, plan).macs:,} MACs)")
+    reproducible = args.checkpoint or args.pretrained or args.model == DIGITS_MODEL
+    if args.calib and reproducible:
+        from vitsparse.data.sources import load_images
+        from vitsparse.evaluate import evaluate
+
+        size = model.patch_embed.img_size[0]
+        data = load_images(args.calib, image_size=size, limit=args.calib_size)
+        report = evaluate(model, data, plan)
+        print(
+            f"fidelity  on {data.name} ({len(data)} images): top-1 agreement "
+            f"{report.agreement:.1%}, mean KL {report.mean_kl:.4f}"
+        )
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -393,10 +435,9 @@ def _positive_int(text: str) -> int:
 def _prune_method(text: str) -> str:
     from vitsparse.pruning import BLOCK_SCORES
 
-    if text not in BLOCK_SCORES:
-        raise argparse.ArgumentTypeError(
-            f"unknown method {text!r}; known: {', '.join(BLOCK_SCORES)}"
-        )
+    known = [*BLOCK_SCORES, "lpvit"]
+    if text not in known:
+        raise argparse.ArgumentTypeError(f"unknown method {text!r}; known: {', '.join(known)}")
     return text
 
 

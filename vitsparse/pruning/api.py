@@ -52,9 +52,15 @@ def prune(
     seed: int = 0,
     checkpoint: str | Path | None = None,
     pretrained: bool = False,
+    budget: str | None = None,
+    calib: str | Path | None = None,
+    calib_size: int = 256,
 ) -> PruningPlan:
     """Make a pruning plan for a model: structures (heads, MLP neurons, embedding channels,
-    tokens) and/or block masks, composed in one plan (the masks on the sliced weights).
+    tokens) and/or block masks, composed in one plan (the masks on the sliced weights); or, with
+    ``method="lpvit"``, the LPViT block masks that meet ``budget`` (``"flops=0.5"``), computed
+    from ``calib_size`` calibration images of ``calib`` (see ``vitsparse.data.sources``;
+    default ``"synthetic"``).
 
     Parameters
     ----------
@@ -94,6 +100,10 @@ def prune(
             f"pruning reads the PyTorch weights; {str(source)!r} is an ONNX file. Give the timm "
             "model name, with --checkpoint FILE for your weights"
         )
+    if method == "lpvit":
+        return _lpvit(source, blocks, budget, calib, calib_size, checkpoint, pretrained, layers)
+    if budget is not None:
+        raise PlanError(f"method {method!r} takes explicit fractions, not a budget; lpvit does")
     if blocks is None and all(v is None for v in (heads, mlp, embed, tokens)):
         raise PlanError("nothing to prune: give blocks, heads, mlp, embed and/or tokens")
     spec = None if blocks is None else parse_block_spec(blocks)
@@ -176,3 +186,27 @@ def _structure_budget(structure: Structure) -> dict:
     if tokens:
         out["tokens"] = tokens
     return out
+
+
+def _lpvit(source, blocks, budget, calib, calib_size, checkpoint, pretrained, layers):
+    from vitsparse.data.sources import load_images
+    from vitsparse.frontend import load_torch_model
+    from vitsparse.pruning.budget import Budget
+    from vitsparse.pruning.lpvit import lpvit_plan
+
+    if budget is None:
+        raise PlanError("lpvit needs a budget, e.g. flops=0.5")
+    parsed = Budget.parse(budget)
+    block = (16, 16) if blocks is None else _block_only(blocks)
+    model, model_id = load_torch_model(source, checkpoint=checkpoint, pretrained=pretrained)
+    size = model.patch_embed.img_size[0]
+    images = load_images(calib or "synthetic", image_size=size, limit=calib_size).images
+    return lpvit_plan(model, images, parsed, model_id=model_id, block=block, layers=layers)
+
+
+def _block_only(spec: str) -> tuple[int, int]:
+    """``"16x16"`` (lpvit chooses the densities itself)."""
+    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", spec)
+    if not match:
+        raise PlanError(f"with lpvit, blocks is a block size ROWSxCOLS (e.g. 16x16), got {spec!r}")
+    return int(match.group(1)), int(match.group(2))

@@ -1,0 +1,125 @@
+"""The LPViT criterion: a valid plan that meets its FLOPs budget, deterministic, compiled equal to
+PyTorch, the sign of the cost term, and bad input."""
+
+import numpy as np
+import pytest
+import torch
+
+import vitsparse
+from vitsparse.compiler import compile_model
+from vitsparse.data.sources import load_images
+from vitsparse.errors import DataError, PlanError
+from vitsparse.frontend.testing import tiny_vit
+from vitsparse.plan import apply_plan_to_torch, validate_plan
+from vitsparse.pruning.budget import Budget, FlopsCost
+from vitsparse.pruning.lpvit import lpvit_plan
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = tiny_vit(depth=2, embed_dim=64, num_heads=4)
+    calib = load_images("synthetic", image_size=32, limit=32).images
+    return model, calib
+
+
+@pytest.mark.parametrize("fraction", [0.9, 0.6])
+def test_plan_meets_its_budget_and_is_deterministic(setup, fraction):
+    model, calib = setup
+    plan = lpvit_plan(model, calib, Budget("flops", fraction), model_id="tiny")
+    validate_plan(plan, model)
+    kept = vitsparse.flops(model, plan).ratio(vitsparse.flops(model))
+    assert kept <= fraction + 1e-9 and kept > fraction - 0.05
+    assert len({round(m.density, 3) for m in plan.layers.values()}) > 1  # not uniform
+    again = lpvit_plan(model, calib, Budget("flops", fraction), model_id="tiny")
+    assert again == plan
+
+
+def test_compiled_lpvit_model_matches_pytorch(setup):
+    model, calib = setup
+    plan = lpvit_plan(model, calib, Budget("flops", 0.7), model_id="tiny")
+    compiled = compile_model(model, target="x86", plan=plan)
+    x = np.random.default_rng(0).standard_normal(compiled.input_shape, dtype=np.float32)
+    with torch.no_grad():
+        ref = apply_plan_to_torch(model, plan)(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(compiled.run(x), ref, rtol=0, atol=1e-4)
+
+
+class _Favour(FlopsCost):
+    """FLOPs saving, multiplied for one layer."""
+
+    def __init__(self, layer, factor):
+        self.layer, self.factor = layer, factor
+
+    def saving(self, layer, shape, tokens, sparsity):
+        base = super().saving(layer, shape, tokens, sparsity)
+        return base * (self.factor if layer == self.layer else 1.0)
+
+
+def test_a_larger_saving_gets_at_least_as_much_sparsity(setup):
+    # The sign of the cost term: the same layer, all else equal, with a larger saving per unit
+    # of sparsity must not be pruned less (the published code's sign protects costly layers).
+    model, calib = setup
+    layer = "blocks.1.attn.proj"
+    for fraction in (0.8, 0.6):
+        plain = lpvit_plan(model, calib, Budget("flops", fraction), model_id="tiny")
+        favoured = lpvit_plan(
+            model, calib, Budget("flops", fraction), model_id="tiny", cost=_Favour(layer, 4.0)
+        )
+        assert favoured.layers[layer].density <= plain.layers[layer].density
+
+
+@pytest.mark.parametrize(
+    ("budget", "calib", "error", "message"),
+    [
+        (Budget("flops", 0.5), torch.zeros((0, 3, 32, 32)), DataError, "calibration set is empty"),
+        (Budget("params", 0.5), None, PlanError, "lpvit spends a FLOPs budget"),
+        (Budget("flops", 0.05), None, PlanError, "cannot be met by block pruning"),
+    ],
+)
+def test_bad_input(setup, budget, calib, error, message):
+    model, images = setup
+    with pytest.raises(error, match=message):
+        lpvit_plan(model, images if calib is None else calib, budget, model_id="tiny")
+
+
+def test_prune_cli_with_a_budget(capsys, tmp_path):
+    from vitsparse.cli import main
+    from vitsparse.data.digits import DIGITS_MODEL
+    from vitsparse.plan import PruningPlan
+
+    out = tmp_path / "plan.json"
+    code = main(
+        [
+            "prune",
+            DIGITS_MODEL,
+            "--method",
+            "lpvit",
+            "--budget",
+            "flops=0.6",
+            "--calib",
+            "digits-train",
+            "--calib-size",
+            "64",
+            "-o",
+            str(out),
+        ]
+    )
+    printed = capsys.readouterr().out
+    assert code == 0 and PruningPlan.load(out).method == "lpvit"
+    assert "predicted 60.0% of the model's FLOPs kept" in printed
+    assert "fidelity  on digits-train (64 images): top-1 agreement" in printed
+    code = main(["prune", DIGITS_MODEL, "--method", "lpvit", "-o", str(out)])
+    assert code == 2 and "lpvit needs a budget" in capsys.readouterr().err
+    code = main(
+        [
+            "prune",
+            DIGITS_MODEL,
+            "--method",
+            "magnitude",
+            "--budget",
+            "flops=0.5",
+            "-o",
+            str(tmp_path / "x.json"),
+        ]
+    )
+    assert code == 2 and "takes explicit fractions, not a budget" in capsys.readouterr().err
