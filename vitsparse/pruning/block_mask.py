@@ -134,3 +134,33 @@ def _select_linear_layers(
                 f"(its linear layers: {shown or 'none'})"
             )
     return [(n, m) for n, m in linears if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+
+
+def block_mask_plan_for_budget(
+    model: torch.nn.Module,
+    budget,
+    *,
+    model_id: str,
+    block: tuple[int, int] = (16, 16),
+    method: str = "magnitude",
+    seed: int = 0,
+) -> PruningPlan:
+    """The uniform block-mask plan (every layer the same kept fraction) with the largest kept
+    fraction whose model FLOPs stay within ``budget`` (a `vitsparse.pruning.budget.Budget` of
+    FLOPs): the magnitude baseline at a criterion's budget."""
+    from vitsparse.flop_count import flops
+
+    if budget.metric != "flops":
+        raise PlanError("the uniform block baseline spends a FLOPs budget (e.g. flops=0.5)")
+    dense = flops(model).macs
+    best = None
+    for step in range(100, 0, -1):  # kept fraction 1.00, 0.99, .., 0.01: the first that fits
+        plan = block_mask_plan(
+            model, model_id=model_id, block=block, keep=step / 100, method=method, seed=seed
+        )
+        if flops(model, plan).macs <= budget.fraction * dense * (1 + 1e-9):
+            best = plan
+            break
+    if best is None:
+        raise PlanError(f"budget flops={budget.fraction} is below what block masks can reach")
+    return best
