@@ -108,15 +108,16 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         type=_prune_method,
         metavar="M",
-        help="criterion: magnitude (largest L1 norm kept), random, or lpvit (block Taylor "
-        "scores allocated across layers under --budget)",
+        help="criterion: magnitude (largest L1 norm kept), random, lpvit (block Taylor scores "
+        "allocated across layers under --budget) or upvit (KL leave-one-out heads, neurons and "
+        "embedding channels, uniform ratios, under --budget)",
     )
-    p.add_argument("--budget", metavar="flops=F", help="what lpvit keeps, e.g. flops=0.5")
+    p.add_argument("--budget", metavar="flops=F", help="what lpvit/upvit keep, e.g. flops=0.5")
     p.add_argument(
         "--calib",
         metavar="SRC",
-        help="calibration images for lpvit: ImageFolder directory, 'digits-train', 'digits' or "
-        "'synthetic' (default)",
+        help="calibration images for lpvit/upvit: ImageFolder directory, 'digits-train', "
+        "'digits' or 'synthetic' (default)",
     )
     p.add_argument("--calib-size", type=_positive_int, default=256, metavar="N")
     p.add_argument(
@@ -435,7 +436,7 @@ def _positive_int(text: str) -> int:
 def _prune_method(text: str) -> str:
     from vitsparse.pruning import BLOCK_SCORES
 
-    known = [*BLOCK_SCORES, "lpvit"]
+    known = [*BLOCK_SCORES, "lpvit", "upvit"]
     if text not in known:
         raise argparse.ArgumentTypeError(f"unknown method {text!r}; known: {', '.join(known)}")
     return text

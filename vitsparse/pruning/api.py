@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -58,9 +59,9 @@ def prune(
 ) -> PruningPlan:
     """Make a pruning plan for a model: structures (heads, MLP neurons, embedding channels,
     tokens) and/or block masks, composed in one plan (the masks on the sliced weights); or, with
-    ``method="lpvit"``, the LPViT block masks that meet ``budget`` (``"flops=0.5"``), computed
-    from ``calib_size`` calibration images of ``calib`` (see ``vitsparse.data.sources``;
-    default ``"synthetic"``).
+    ``method="lpvit"`` (block masks) or ``"upvit"`` (heads, MLP neurons, embedding channels),
+    the criterion's plan that meets ``budget`` (``"flops=0.5"``), computed from ``calib_size``
+    calibration images of ``calib`` (see ``vitsparse.data.sources``; default ``"synthetic"``).
 
     Parameters
     ----------
@@ -102,6 +103,8 @@ def prune(
         )
     if method == "lpvit":
         return _lpvit(source, blocks, budget, calib, calib_size, checkpoint, pretrained, layers)
+    if method == "upvit":
+        return _upvit(source, budget, calib, calib_size, checkpoint, pretrained)
     if budget is not None:
         raise PlanError(f"method {method!r} takes explicit fractions, not a budget; lpvit does")
     if blocks is None and all(v is None for v in (heads, mlp, embed, tokens)):
@@ -202,6 +205,22 @@ def _lpvit(source, blocks, budget, calib, calib_size, checkpoint, pretrained, la
     size = model.patch_embed.img_size[0]
     images = load_images(calib or "synthetic", image_size=size, limit=calib_size).images
     return lpvit_plan(model, images, parsed, model_id=model_id, block=block, layers=layers)
+
+
+def _upvit(source, budget, calib, calib_size, checkpoint, pretrained):
+    from vitsparse.data.sources import load_images
+    from vitsparse.frontend import load_torch_model
+    from vitsparse.pruning.budget import Budget
+    from vitsparse.pruning.upvit import upvit_plan
+
+    if budget is None:
+        raise PlanError("upvit needs a budget, e.g. flops=0.5")
+    parsed = Budget.parse(budget)
+    model, model_id = load_torch_model(source, checkpoint=checkpoint, pretrained=pretrained)
+    size = model.patch_embed.img_size[0]
+    images = load_images(calib or "synthetic", image_size=size, limit=calib_size).images
+    say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    return upvit_plan(model, images, parsed, model_id=model_id, progress=say)
 
 
 def _block_only(spec: str) -> tuple[int, int]:
