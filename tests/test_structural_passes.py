@@ -4,6 +4,7 @@ pruned model against PyTorch running the same plan (apply_plan_to_torch)."""
 import numpy as np
 import pytest
 import torch
+from _compiled import assert_compiled_matches_torch
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
@@ -15,7 +16,7 @@ from vitsparse.frontend.testing import tiny_vit
 from vitsparse.passes._structure import SLICES_ATTR, follow_reshape, slice_params
 from vitsparse.passes.prune_mlp import PruneMLP
 from vitsparse.passes.prune_tokens import PruneTokens
-from vitsparse.plan import PruningPlan, apply_plan_to_torch, weights_hash
+from vitsparse.plan import PruningPlan, weights_hash
 from vitsparse.plan_structure import BlockStructure, IndexSet, Structure, TokenKeep
 from vitsparse.pruning import compose_plan, structure_plan
 
@@ -27,13 +28,7 @@ def _plan(model, structure, block_spec=None):
 
 
 def _check(model, plan, batch=1, seed=0):
-    compiled = compile_model(model, target="x86", batch=batch, plan=plan)
-    x = np.random.default_rng(seed).standard_normal(compiled.input_shape, dtype=np.float32)
-    with torch.no_grad():
-        ref = apply_plan_to_torch(model, plan)(torch.from_numpy(x)).numpy()
-    got = compiled.run(x)
-    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-4)
-    return compiled
+    return assert_compiled_matches_torch(model, plan, batch=batch, seed=seed)
 
 
 @pytest.fixture(scope="module")

@@ -4,13 +4,13 @@ deterministic, compiled equal to PyTorch, and bad input."""
 import numpy as np
 import pytest
 import torch
+from _compiled import assert_compiled_matches_torch
 
 import vitsparse
-from vitsparse.compiler import compile_model
 from vitsparse.data.sources import load_images
 from vitsparse.errors import DataError, PlanError
 from vitsparse.frontend.testing import tiny_vit
-from vitsparse.plan import apply_plan_to_torch, validate_plan
+from vitsparse.plan import validate_plan
 from vitsparse.pruning.budget import Budget
 from vitsparse.pruning.upvit import importance, upvit_plan
 
@@ -48,11 +48,7 @@ def test_plan_meets_its_budget_is_uniform_and_deterministic(setup):
 def test_compiled_upvit_model_matches_pytorch(setup):
     model, proxy = setup
     plan = upvit_plan(model, proxy, Budget("flops", 0.5), model_id="tiny")
-    compiled = compile_model(model, target="x86", plan=plan)
-    x = np.random.default_rng(0).standard_normal(compiled.input_shape, dtype=np.float32)
-    with torch.no_grad():
-        ref = apply_plan_to_torch(model, plan)(torch.from_numpy(x)).numpy()
-    np.testing.assert_allclose(compiled.run(x), ref, rtol=0, atol=1e-4)
+    assert_compiled_matches_torch(model, plan)
 
 
 def test_bad_input(setup):

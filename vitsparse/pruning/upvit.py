@@ -63,6 +63,18 @@ class _Masks:
 
         return hook
 
+    def set_mlp(self, block: int, keep: torch.Tensor) -> None:
+        self.mlp = {block: keep}
+
+    def set_heads(self, block: int, keep: torch.Tensor) -> None:
+        self.heads = {block: keep}
+
+    def set_stream(self, keep: torch.Tensor) -> None:
+        self.stream = keep
+
+    def clear(self) -> None:
+        self.mlp, self.heads, self.stream = {}, {}, None
+
     def _stream_hook(self, _module, _inputs, out):
         return out if self.stream is None else out * self.stream
 
@@ -86,32 +98,27 @@ def importance(
         with torch.no_grad():
             dense_log = model(images).log_softmax(-1)
             out = {"mlp": [], "heads": [], "embed": None}
-            for i in range(geo.depth):
-                scores = np.zeros(geo.mlp_dim[i])
-                for c in range(geo.mlp_dim[i]):
-                    keep = torch.ones(geo.mlp_dim[i])
+
+            def leave_one_out(size, apply):
+                """KL with each of ``size`` channels zeroed in turn through ``apply(mask)``."""
+                scores = np.zeros(size)
+                for c in range(size):
+                    keep = torch.ones(size)
                     keep[c] = 0
-                    masks.mlp = {i: keep}
+                    apply(keep)
                     scores[c] = _kl(dense_log, model(images))
-                masks.mlp = {}
-                out["mlp"].append(scores)
-                scores = np.zeros(geo.num_heads[i])
-                for h in range(geo.num_heads[i]):
-                    keep = torch.ones(geo.num_heads[i])
-                    keep[h] = 0
-                    masks.heads = {i: keep}
-                    scores[h] = _kl(dense_log, model(images))
-                masks.heads = {}
-                out["heads"].append(scores)
+                return scores
+
+            for i in range(geo.depth):
+                out["mlp"].append(leave_one_out(geo.mlp_dim[i], lambda k, i=i: masks.set_mlp(i, k)))
+                masks.clear()
+                out["heads"].append(
+                    leave_one_out(geo.num_heads[i], lambda k, i=i: masks.set_heads(i, k))
+                )
+                masks.clear()
                 say(f"[upvit] block {i + 1}/{geo.depth}: neurons and heads scored")
-            scores = np.zeros(geo.embed_dim)
-            for c in range(geo.embed_dim):
-                keep = torch.ones(geo.embed_dim)
-                keep[c] = 0
-                masks.stream = keep
-                scores[c] = _kl(dense_log, model(images))
-            masks.stream = None
-            out["embed"] = scores
+            out["embed"] = leave_one_out(geo.embed_dim, masks.set_stream)
+            masks.clear()
             say(f"[upvit] {geo.embed_dim} embedding channels scored")
     finally:
         masks.close()
