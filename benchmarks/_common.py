@@ -1,8 +1,13 @@
-"""What the benchmark scripts share: the output options and the "reproduce with" block."""
+"""What the benchmark scripts share: the output options, the "reproduce with" block, and writing
+a suite of ``bench`` runs."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -20,3 +25,26 @@ def add_common_args(p: argparse.ArgumentParser, *, number: int) -> None:
 def reproduce_block(command: str) -> list[str]:
     """Markdown lines giving the command that produced a page."""
     return ["- reproduce with:", "", "```", command, "```", ""]
+
+
+def write_bench_runs(
+    outdir: str | Path, stem: str, command: str, threads: int, runs: list[dict], markdown: Callable
+) -> None:
+    """Write ``runs`` (dicts whose ``"report"`` is a BenchReport) as ``<stem>.json`` and, through
+    ``markdown(runs, command, date, threads, host)``, ``<stem>.md``, atomically."""
+    from vitsparse._io import write_text_atomic
+    from vitsparse.report import host_info
+
+    date = time.strftime("%Y-%m-%d %H:%M:%S %z")
+    host = host_info()
+    suite = {
+        "command": command,
+        "date": date,
+        "threads": threads,
+        "host": host,
+        "runs": [{k: (v.to_json() if k == "report" else v) for k, v in r.items()} for r in runs],
+    }
+    outdir = Path(outdir)
+    write_text_atomic(outdir / f"{stem}.json", json.dumps(suite, indent=2) + "\n")
+    write_text_atomic(outdir / f"{stem}.md", markdown(runs, command, date, threads, host))
+    print(f"wrote {outdir / stem}.json and .md", file=sys.stderr)

@@ -12,19 +12,15 @@ dense and pruned rows. Writes ``docs/results/pruned_x86.json`` and ``docs/result
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import sys
-import time
-from pathlib import Path
 
-from _common import add_common_args, reproduce_block
+from _common import add_common_args, reproduce_block, write_bench_runs
 
-from vitsparse._io import write_text_atomic
 from vitsparse.frontend import load_torch_model
 from vitsparse.pruning import block_mask_plan, parse_block_spec
-from vitsparse.report import bench, host_info
+from vitsparse.report import bench
 
 RUNTIMES = ("torch-eager", "torch-pruned", "tvm-dense", "tvm-pruned")
 STEM = "pruned_x86"
@@ -60,19 +56,7 @@ def main(argv: list[str] | None = None) -> int:
                 runs.append(
                     {"model": model_name, "blocks": spec, "method": method, "report": report}
                 )
-    date = time.strftime("%Y-%m-%d %H:%M:%S %z")
-    host = host_info()
-    suite = {
-        "command": command,
-        "date": date,
-        "threads": threads,
-        "host": host,
-        "runs": [{k: (v.to_json() if k == "report" else v) for k, v in r.items()} for r in runs],
-    }
-    outdir = Path(args.outdir)
-    write_text_atomic(outdir / f"{STEM}.json", json.dumps(suite, indent=2) + "\n")
-    write_text_atomic(outdir / f"{STEM}.md", _markdown(runs, command, date, threads, host))
-    print(f"wrote {outdir / STEM}.json and .md", file=sys.stderr)
+    write_bench_runs(args.outdir, STEM, command, threads, runs, _markdown)
     return 0
 
 

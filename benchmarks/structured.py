@@ -15,22 +15,18 @@ sides. Writes ``docs/results/structured_x86.json`` and ``.md``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import sys
-import time
-from pathlib import Path
 
 import numpy as np
-from _common import add_common_args, reproduce_block
+from _common import add_common_args, reproduce_block, write_bench_runs
 
 import vitsparse
-from vitsparse._io import write_text_atomic
 from vitsparse.compiler import compile_model, set_num_threads
 from vitsparse.frontend import load_torch_model
 from vitsparse.pruning import compose_plan, structure_plan
-from vitsparse.report import bench, host_info
+from vitsparse.report import bench
 
 RUNTIMES = ("torch-eager", "torch-pruned", "tvm-dense", "tvm-pruned")
 STEM = "structured_x86"
@@ -78,19 +74,7 @@ def main(argv: list[str] | None = None) -> int:
                     "report": report,
                 }
             )
-    date = time.strftime("%Y-%m-%d %H:%M:%S %z")
-    host = host_info()
-    suite = {
-        "command": command,
-        "date": date,
-        "threads": threads,
-        "host": host,
-        "runs": [{k: (v.to_json() if k == "report" else v) for k, v in r.items()} for r in runs],
-    }
-    outdir = Path(args.outdir)
-    write_text_atomic(outdir / f"{STEM}.json", json.dumps(suite, indent=2) + "\n")
-    write_text_atomic(outdir / f"{STEM}.md", _markdown(runs, command, date, threads, host))
-    print(f"wrote {outdir / STEM}.json and .md", file=sys.stderr)
+    write_bench_runs(args.outdir, STEM, command, threads, runs, _markdown)
     return 0
 
 

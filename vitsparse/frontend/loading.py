@@ -9,13 +9,11 @@ from pathlib import Path
 import timm
 import torch
 
+from vitsparse.data.digits import DIGITS_MODEL
 from vitsparse.errors import ModelError
 
 # Keys under which training scripts commonly nest the state dict of a checkpoint.
 _STATE_DICT_KEYS = ("model", "state_dict", "model_state_dict")
-
-
-_BUILTIN_DIGITS = "vitsparse/digits_vit"  # vitsparse.data.digits.DIGITS_MODEL
 
 
 def load_torch_model(
@@ -57,7 +55,7 @@ def load_torch_model(
                 "its own weights (pass a checkpoint to load others)"
             )
         model, model_id = source, _module_id(source)
-    elif isinstance(source, str) and source == _BUILTIN_DIGITS:
+    elif isinstance(source, str) and source == DIGITS_MODEL:
         from vitsparse.data.digits import digits_vit
 
         if pretrained:

@@ -191,34 +191,37 @@ def _structure_budget(structure: Structure) -> dict:
     return out
 
 
-def _lpvit(source, blocks, budget, calib, calib_size, checkpoint, pretrained, layers):
+def _budgeted(method, source, budget, calib, calib_size, checkpoint, pretrained):
+    """(model, model_id, Budget, calibration images) for a criterion that spends a budget."""
     from vitsparse.data.sources import load_images
     from vitsparse.frontend import load_torch_model
     from vitsparse.pruning.budget import Budget
-    from vitsparse.pruning.lpvit import lpvit_plan
 
     if budget is None:
-        raise PlanError("lpvit needs a budget, e.g. flops=0.5")
+        raise PlanError(f"{method} needs a budget, e.g. flops=0.5")
     parsed = Budget.parse(budget)
-    block = (16, 16) if blocks is None else _block_only(blocks)
     model, model_id = load_torch_model(source, checkpoint=checkpoint, pretrained=pretrained)
     size = model.patch_embed.img_size[0]
     images = load_images(calib or "synthetic", image_size=size, limit=calib_size).images
+    return model, model_id, parsed, images
+
+
+def _lpvit(source, blocks, budget, calib, calib_size, checkpoint, pretrained, layers):
+    from vitsparse.pruning.lpvit import lpvit_plan
+
+    block = (16, 16) if blocks is None else _block_only(blocks)
+    model, model_id, parsed, images = _budgeted(
+        "lpvit", source, budget, calib, calib_size, checkpoint, pretrained
+    )
     return lpvit_plan(model, images, parsed, model_id=model_id, block=block, layers=layers)
 
 
 def _upvit(source, budget, calib, calib_size, checkpoint, pretrained):
-    from vitsparse.data.sources import load_images
-    from vitsparse.frontend import load_torch_model
-    from vitsparse.pruning.budget import Budget
     from vitsparse.pruning.upvit import upvit_plan
 
-    if budget is None:
-        raise PlanError("upvit needs a budget, e.g. flops=0.5")
-    parsed = Budget.parse(budget)
-    model, model_id = load_torch_model(source, checkpoint=checkpoint, pretrained=pretrained)
-    size = model.patch_embed.img_size[0]
-    images = load_images(calib or "synthetic", image_size=size, limit=calib_size).images
+    model, model_id, parsed, images = _budgeted(
+        "upvit", source, budget, calib, calib_size, checkpoint, pretrained
+    )
     say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     return upvit_plan(model, images, parsed, model_id=model_id, progress=say)
 
