@@ -2,11 +2,13 @@
 
 For the built-in digits ViT (trained here; accuracy on its held-out split, calibration on its
 training split) and deit_tiny (random weights: fidelity only, on synthetic images), and for kept
-FLOPs from 90% to 30%, makes each criterion's plan and measures the pruned model in PyTorch (the
-compiled model equals it; the tests check that): top-1 where there are labels, and always the
-fidelity to the dense model (top-1 agreement, mean KL). Criteria: the uniform magnitude block
-baseline and LPViT (16x16 blocks), and UP-ViT (structures; digits ViT only). Writes
-docs/results/criteria.{json,md,png}.
+FLOPs from 90% to 30%, makes each criterion's plan (`vitsparse.pruning.criteria`) and measures
+the pruned model in PyTorch (the compiled model equals it; the tests check that): top-1 where
+there are labels, and always the fidelity to the dense model (top-1 agreement, mean KL).
+Criteria: the two magnitude baselines (uniform 16x16 block-L1 masks; uniform structure-L2 heads,
+neurons and channels), LPViT (16x16 blocks), NViT, UP-ViT and CP-ViT, each with its defaults.
+UP-ViT's KL scores and CP-ViT's attention statistics are computed once per model and reused for
+every budget (they do not depend on it). Writes docs/results/criteria.{json,md,png}.
 
     python benchmarks/criteria.py
 """
@@ -28,30 +30,54 @@ from vitsparse._io import write_text_atomic
 from vitsparse.data.sources import load_images
 from vitsparse.evaluate import evaluate
 from vitsparse.frontend import load_torch_model
-from vitsparse.pruning.block_mask import block_mask_plan_for_budget
 from vitsparse.pruning.budget import Budget
-from vitsparse.pruning.lpvit import lpvit_plan
-from vitsparse.pruning.upvit import upvit_plan
+from vitsparse.pruning.cpvit import attention_stats, cpvit_plan
+from vitsparse.pruning.criteria import make_plan
+from vitsparse.pruning.upvit import importance, upvit_plan
 from vitsparse.report import host_info
 
 STEM = "criteria"
 BUDGETS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
-MODELS = {
-    # name -> (calibration source, evaluation source, criteria). UP-ViT needs one forward pass
-    # per channel: ~9,400 of them for deit_tiny, beyond this benchmark's time budget on 2 cores.
-    "vitsparse/digits_vit": ("digits-train", "digits", ("magnitude", "lpvit", "upvit")),
-    "deit_tiny_patch16_224": ("synthetic", "synthetic", ("magnitude", "lpvit")),
+METHODS = ("magnitude-blocks", "magnitude-structure", "lpvit", "nvit", "upvit", "cpvit")
+BASELINE = {  # the baseline of the same kind, that each paper method is held against first
+    "lpvit": "magnitude-blocks",
+    "nvit": "magnitude-structure",
+    "upvit": "magnitude-structure",
+    "cpvit": "magnitude-structure",
 }
-UPVIT_PROXY = 50  # images for UP-ViT's leave-one-out passes
+# name -> (calibration source, images, evaluation source, images, UP-ViT proxy images)
+MODELS = {
+    "vitsparse/digits_vit": ("digits-train", 256, "digits", 512, 50),
+    # UP-ViT on deit_tiny: ~9,400 leave-one-out passes; 8 proxy images keep it near 15 minutes.
+    "deit_tiny_patch16_224": ("synthetic", 64, "synthetic", 256, 8),
+}
 
 
-def _plans(model, model_id, calib, budget, methods):
-    if "magnitude" in methods:
-        yield "magnitude", block_mask_plan_for_budget(model, budget, model_id=model_id)
-    if "lpvit" in methods:
-        yield "lpvit", lpvit_plan(model, calib, budget, model_id=model_id)
-    if "upvit" in methods:
-        yield "upvit", upvit_plan(model, calib[:UPVIT_PROXY], budget, model_id=model_id)
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+class _Plans:
+    """Each method's plan at a budget; the budget-independent scores computed once."""
+
+    def __init__(self, model, model_id, calib, proxy):
+        self.model, self.model_id, self.calib, self.proxy = model, model_id, calib, proxy
+        self.upvit_scores = self.cpvit_stats = None
+
+    def __call__(self, method, budget):
+        m, mid = self.model, self.model_id
+        if method == "upvit":
+            if self.upvit_scores is None:
+                self.upvit_scores = importance(m, self.proxy, progress=_say)
+            return upvit_plan(m, self.proxy, budget, model_id=mid, scores=self.upvit_scores)
+        if method == "cpvit":
+            if self.cpvit_stats is None:
+                self.cpvit_stats = attention_stats(m, self.calib)
+            return cpvit_plan(m, self.calib, budget, model_id=mid, stats=self.cpvit_stats)
+        name, knobs = method, {}
+        if method.startswith("magnitude-"):
+            name, knobs = "magnitude", {"kind": method.split("-", 1)[1]}
+        return make_plan(name, m, self.calib, budget, model_id=mid, knobs=knobs)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,23 +89,27 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.models:
         model, model_id = load_torch_model(name)
         size = model.patch_embed.img_size[0]
-        calib_src, eval_src, methods = MODELS[name]
-        calib = load_images(calib_src, image_size=size, limit=args.calib_size, seed=1).images
-        data = load_images(eval_src, image_size=size, limit=args.eval_size, seed=2)
+        calib_src, calib_size, eval_src, eval_size, proxy = MODELS[name]
+        calib = load_images(calib_src, image_size=size, limit=calib_size, seed=1).images
+        data = load_images(eval_src, image_size=size, limit=eval_size, seed=2)
         dense = vitsparse.flops(model)
+        plans = _Plans(model, model_id, calib, calib[:proxy])
         for fraction in args.budgets:
-            budget = Budget("flops", fraction)
-            for method, plan in _plans(model, model_id, calib, budget, methods):
+            for method in args.methods:
+                start = time.perf_counter()
+                plan = plans(method, Budget("flops", fraction))
+                seconds = time.perf_counter() - start
                 report = evaluate(model, data, plan)
                 row = {
                     "model": name,
                     "method": method,
                     "budget": fraction,
                     "kept_flops": vitsparse.flops(model, plan).ratio(dense),
+                    "plan_seconds": round(seconds, 1),
                     **report.to_json(),
                 }
                 rows.append(row)
-                print(json.dumps(row), file=sys.stderr, flush=True)
+                _say(json.dumps(row))
     suite = {
         "command": command,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
@@ -87,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
     }
     outdir = Path(args.outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
     _plot(rows, outdir / f"{STEM}.png")
     write_text_atomic(outdir / f"{STEM}.json", json.dumps(suite, indent=2) + "\n")
     write_text_atomic(outdir / f"{STEM}.md", _markdown(suite))
@@ -122,10 +153,12 @@ def _plot(rows, path: Path) -> None:
 
 def _markdown(suite) -> str:
     host = suite["host"]
+    rows = suite["rows"]
 
     def pct(v):
         return "-" if v is None else f"{100 * v:.1f}%"
 
+    proxies = ", ".join(f"{m}: {MODELS[m][4]}" for m in sorted({r["model"] for r in rows}))
     lines = [
         "# Pruning criteria at equal FLOPs budgets",
         "",
@@ -134,55 +167,50 @@ def _markdown(suite) -> str:
         "digits ViT: trained here, top-1 on its held-out split, calibration on its training split; "
         "deit_tiny: random weights, so fidelity only, on synthetic images (its near-uniform "
         "outputs make top-1 agreement unstable there; mean KL is the measure that means something)",
-        "- magnitude: every layer keeps the same fraction of its 16x16 blocks (largest L1), the "
-        "largest fraction within the budget; lpvit: vitsparse.pruning.lpvit, 16x16 blocks; "
-        f"upvit: vitsparse.pruning.upvit, {UPVIT_PROXY} proxy images, digits ViT only (one "
-        "forward pass per channel is ~9,400 passes for deit_tiny, beyond this run on 2 cores)",
+        "- magnitude-blocks: every block layer keeps the same fraction of its 16x16 blocks "
+        "(largest L1); magnitude-structure: every block the same fraction of its heads and MLP "
+        "neurons, and the model of its embedding channels (largest L2); both the largest fraction "
+        "within the budget. lpvit (16x16 blocks), nvit, upvit and cpvit: "
+        "`vitsparse.pruning.<name>` with its defaults; upvit's proxy images: "
+        f"{proxies}. No plan is fine-tuned.",
+        "- plan s: seconds to make the plan (upvit's and cpvit's scores are made once per model, "
+        "at the first budget, and reused)",
         *reproduce_block(suite["command"]),
         "![accuracy or agreement vs kept FLOPs](criteria.png)",
         "",
         "| model | budget | method | kept FLOPs | top-1 dense | top-1 pruned | agreement "
-        "| mean KL |",
-        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| mean KL | plan s |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for r in suite["rows"]:
+    for r in rows:
         lines.append(
             f"| {r['model']} | {r['budget']:.1f} | {r['method']} | {r['kept_flops']:.3f} "
             f"| {pct(r['top1_dense'])} | {pct(r['top1_pruned'])} | {pct(r['agreement'])} "
-            f"| {r['mean_kl']:.4f} |"
+            f"| {r['mean_kl']:.4f} | {r['plan_seconds']:.1f} |"
         )
-    lines += ["", "## Where a paper method does not beat the baseline", ""]
-    for model in sorted({r["model"] for r in suite["rows"]}):
-        key = (
-            "top1_pruned"
-            if any(r["top1_pruned"] is not None for r in suite["rows"] if r["model"] == model)
-            else "mean_kl"
-        )
-        better = (lambda a, b: a >= b) if key == "top1_pruned" else (lambda a, b: a <= b)
-        by = {(r["budget"], r["method"]): r[key] for r in suite["rows"] if r["model"] == model}
-        for paper in sorted({m for (_, m) in by} - {"magnitude"}):
-            losses = [
-                f"{budget:.1f}"
-                for (budget, method), value in sorted(by.items())
-                if method == paper and not better(value, by[(budget, "magnitude")])
-            ]
-            what = "top-1" if key == "top1_pruned" else "mean KL"
-            lines.append(
-                f"- {model} ({what}): {paper} is worse than magnitude at budget(s) "
-                f"{', '.join(losses)}."
-                if losses
-                else f"- {model} ({what}): {paper} matches or beats magnitude at every budget."
-            )
-    lines += [
-        "",
-        "Why lpvit loses where it does (our reading of the plans, not a measured "
-        "attribution): lpvit subtracts the FLOPs "
-        "each layer saves, scaled by the paper's auto-scaled beta, from its distortion slope. "
-        "The MLP layers save the most per block, so at mid budgets the allocation drives some of "
-        "them (the first block's fc1/fc2 on the digits ViT) to the per-layer cap, which costs more "
-        "accuracy than spreading the sparsity; at small budgets that concentration is what keeps "
-        "the attention layers intact and lpvit wins. The post-training plans are not fine-tuned.",
-    ]
+    lines += ["", "## Paper methods against the magnitude baselines", ""]
+    for model in sorted({r["model"] for r in rows}):
+        labelled = any(r["top1_pruned"] is not None for r in rows if r["model"] == model)
+        key, what = ("top1_pruned", "top-1") if labelled else ("mean_kl", "mean KL")
+        better = (lambda a, b: a >= b) if labelled else (lambda a, b: a <= b)
+        by = {(r["budget"], r["method"]): r[key] for r in rows if r["model"] == model}
+        methods = [m for m in METHODS if m in BASELINE and any(k[1] == m for k in by)]
+        for paper in methods:
+            verdicts = []
+            for base in dict.fromkeys([BASELINE[paper], "magnitude-blocks", "magnitude-structure"]):
+                losses = [
+                    f"{budget:.1f}"
+                    for (budget, method), value in sorted(by.items())
+                    if method == paper
+                    and (budget, base) in by
+                    and not better(value, by[(budget, base)])
+                ]
+                verdicts.append(
+                    f"worse than {base} at {', '.join(losses)}"
+                    if losses
+                    else f"matches or beats {base} at every budget"
+                )
+            lines.append(f"- {model} ({what}): {paper} {'; '.join(verdicts)}.")
     return "\n".join(lines) + "\n"
 
 
@@ -190,8 +218,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--budgets", nargs="+", type=float, default=list(BUDGETS))
-    p.add_argument("--calib-size", type=int, default=256)
-    p.add_argument("--eval-size", type=int, default=512)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--outdir", default=str(RESULTS), metavar="DIR")
     return p
 

@@ -33,6 +33,13 @@ def test_plan_meets_its_budget_and_is_deterministic(setup, fraction):
     assert again == plan
 
 
+def test_params_budget(setup):
+    model, calib = setup
+    plan = lpvit_plan(model, calib, Budget("params", 0.6), model_id="tiny")
+    kept = vitsparse.params(model, plan) / vitsparse.params(model)
+    assert 0.55 < kept <= 0.6
+
+
 def test_compiled_lpvit_model_matches_pytorch(setup):
     model, calib = setup
     plan = lpvit_plan(model, calib, Budget("flops", 0.7), model_id="tiny")
@@ -67,7 +74,6 @@ def test_a_larger_saving_gets_at_least_as_much_sparsity(setup):
     ("budget", "calib", "error", "message"),
     [
         (Budget("flops", 0.5), torch.zeros((0, 3, 32, 32)), DataError, "calibration set is empty"),
-        (Budget("params", 0.5), None, PlanError, "lpvit spends a FLOPs budget"),
         (Budget("flops", 0.05), None, PlanError, "cannot be met by block pruning"),
     ],
 )
@@ -105,16 +111,9 @@ def test_prune_cli_with_a_budget(capsys, tmp_path):
     assert "fidelity  on digits-train (64 images): top-1 agreement" in printed
     code = main(["prune", DIGITS_MODEL, "--method", "lpvit", "-o", str(out)])
     assert code == 2 and "lpvit needs a budget" in capsys.readouterr().err
-    code = main(
-        [
-            "prune",
-            DIGITS_MODEL,
-            "--method",
-            "magnitude",
-            "--budget",
-            "flops=0.5",
-            "-o",
-            str(tmp_path / "x.json"),
-        ]
-    )
-    assert code == 2 and "takes explicit fractions, not a budget" in capsys.readouterr().err
+    bad = ["prune", DIGITS_MODEL, "--method", "random", "--budget", "flops=0.5"]
+    code = main([*bad, "-o", str(tmp_path / "x.json")])
+    assert code == 2 and "unknown criterion 'random'; known: magnitude" in capsys.readouterr().err
+    code = main([*bad[:3], "lpvit", *bad[4:], "--heads", "0.5", "-o", str(tmp_path / "x.json")])
+    assert code == 2 and "do not also give heads" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()

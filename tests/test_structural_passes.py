@@ -112,6 +112,13 @@ def test_each_pass_and_their_composition_match_pytorch(tiny, kwargs):
     _check(tiny, _plan(tiny, structure_plan(tiny, **kwargs)))
 
 
+@pytest.mark.parametrize("rule", ["cls_attention", "cumulative_attention"])
+def test_token_pruning_with_a_batch(tiny, rule):
+    # At batch > 1 the proj bias add is (B, N, E) + (E,): it must not be taken for the residual.
+    plan = _plan(tiny, structure_plan(tiny, heads=0.75, tokens="0.6@1,2", token_rule=rule))
+    _check(tiny, plan, batch=3)
+
+
 def test_structure_composes_with_block_sparsity(tiny):
     structure = structure_plan(tiny, heads=0.5, mlp=0.5)
     plan = _plan(tiny, structure, block_spec=((16, 16), 0.5))

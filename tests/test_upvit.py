@@ -33,6 +33,43 @@ def test_importance_is_a_kl_per_channel(setup):
         np.testing.assert_array_equal(model(proxy).numpy(), model(proxy).numpy())
 
 
+def _naive_kl(model, proxy, block, channel):
+    """KL with one MLP neuron zeroed, by a plain full forward pass (no batching, no caching)."""
+    with torch.no_grad():
+        log_p = model.eval()(proxy).log_softmax(-1)
+        handle = model.blocks[block].mlp.act.register_forward_hook(
+            lambda _m, _i, out: out.index_fill(-1, torch.tensor([channel]), 0)
+        )
+        try:
+            log_q = model(proxy).log_softmax(-1)
+        finally:
+            handle.remove()
+    return float((log_p.exp() * (log_p - log_q)).sum())
+
+
+def test_batched_importance_equals_one_pass_per_channel(setup):
+    model, proxy = setup
+    batched = importance(model, proxy, batch=1000)  # every channel of a family in one pass
+    single = importance(model, proxy, batch=1)  # one channel per pass
+    for a, b in zip(
+        batched["mlp"] + batched["heads"], single["mlp"] + single["heads"], strict=True
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-6)
+    np.testing.assert_allclose(batched["embed"], single["embed"], rtol=1e-3, atol=1e-6)
+    for block, channel in ((0, 3), (1, 17)):
+        assert batched["mlp"][block][channel] == pytest.approx(
+            _naive_kl(model, proxy, block, channel), rel=1e-3, abs=1e-6
+        )
+
+
+def test_progress_bar(setup):
+    model, proxy = setup
+    lines = []
+    importance(model, proxy, progress=lines.append)
+    assert lines[0].startswith("[upvit] 168 channels x 8 images [....")
+    assert lines[-1].endswith("100% 168/168")
+
+
 def test_plan_meets_its_budget_is_uniform_and_deterministic(setup):
     model, proxy = setup
     plan = upvit_plan(model, proxy, Budget("flops", 0.6), model_id="tiny")
@@ -55,5 +92,11 @@ def test_bad_input(setup):
     model, proxy = setup
     with pytest.raises(DataError, match="proxy .* set is empty"):
         upvit_plan(model, proxy[:0], Budget("flops", 0.5), model_id="tiny")
-    with pytest.raises(PlanError, match="upvit spends a FLOPs budget"):
-        upvit_plan(model, proxy, Budget("params", 0.5), model_id="tiny")
+    with pytest.raises(PlanError, match="below what upvit's uniform structures reach"):
+        upvit_plan(model, proxy, Budget("flops", 0.001), model_id="tiny")
+
+
+def test_params_budget(setup):
+    model, proxy = setup
+    plan = upvit_plan(model, proxy, Budget("params", 0.5), model_id="tiny")
+    assert 0.4 < vitsparse.params(model, plan) / vitsparse.params(model) <= 0.5

@@ -5,9 +5,11 @@ The public API (imported lazily: `import vitsparse` stays cheap):
     compile_model -- import and compile for a target; returns a CompiledModel (run/time/export)
     tune          -- MetaSchedule tuning job into a per-target database (resumable)
     bench         -- compiled model vs PyTorch eager vs ONNX Runtime
-    prune         -- a PruningPlan (structures and/or block masks; magnitude or random);
+    prune         -- a PruningPlan: explicit fractions (magnitude or random), or a criterion
+                     (magnitude, lpvit, nvit, upvit, cpvit) under a budget;
                      apply_plan_to_torch gives the PyTorch reference of a plan
     flops         -- MACs/FLOPs of a (pruned) model, analytic or read off a Relax module
+    params        -- weights of a (pruned) model
 """
 
 __version__ = "0.1.0"
@@ -23,6 +25,7 @@ _API = {
     "PruningPlan": ("vitsparse.plan", "PruningPlan"),
     "apply_plan_to_torch": ("vitsparse.plan", "apply_plan_to_torch"),
     "flops": ("vitsparse.flop_count", "flops"),
+    "params": ("vitsparse.flop_count", "params"),
 }
 
 __all__ = ["__version__", *_API]

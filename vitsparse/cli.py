@@ -108,22 +108,38 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         type=_prune_method,
         metavar="M",
-        help="criterion: magnitude (largest L1 norm kept), random, lpvit (block Taylor scores "
-        "allocated across layers under --budget) or upvit (KL leave-one-out heads, neurons and "
-        "embedding channels, uniform ratios, under --budget)",
+        help="criterion. With explicit fractions (--blocks/--heads/--mlp/--embed/--tokens): "
+        "magnitude (largest L1 kept) or random. With --budget: magnitude (uniform baseline; "
+        "--knob kind=blocks|structure), lpvit (block masks, Taylor scores allocated across "
+        "layers), nvit (Fisher group saliency, global ranking of embedding channels, heads, q/k "
+        "and v dims, MLP neurons), upvit (KL leave-one-out channels, uniform ratios) or cpvit "
+        "(cascade token keep counts and heads from attention)",
     )
-    p.add_argument("--budget", metavar="flops=F", help="what lpvit/upvit keep, e.g. flops=0.5")
+    p.add_argument(
+        "--budget",
+        metavar="METRIC=F",
+        help="what the criterion keeps: flops=F or params=F (a fraction of the dense model)",
+    )
+    p.add_argument(
+        "--knob",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a criterion knob, repeatable: magnitude kind/block/embed, lpvit block/layers, "
+        "nvit eta/steps/batch/seed, upvit embed/batch, cpvit head_share/min_tokens/batch",
+    )
     p.add_argument(
         "--calib",
         metavar="SRC",
-        help="calibration images for lpvit/upvit: ImageFolder directory, 'digits-train', "
-        "'digits' or 'synthetic' (default)",
+        help="calibration images for the budgeted criteria: ImageFolder directory, "
+        "'digits-train', 'digits' or 'synthetic' (default)",
     )
     p.add_argument("--calib-size", type=_positive_int, default=256, metavar="N")
     p.add_argument(
         "--blocks",
         metavar="RxC:KEEP",
-        help="block size and the fraction of blocks each layer keeps, e.g. 32x32:0.5",
+        help="block size and the fraction of blocks each layer keeps, e.g. 32x32:0.5; with "
+        "--budget, the block size only (lpvit, magnitude), e.g. 16x16",
     )
     p.add_argument("--heads", type=float, metavar="F", help="fraction of each block's heads kept")
     p.add_argument("--mlp", type=float, metavar="F", help="fraction of MLP neurons kept")
@@ -259,6 +275,7 @@ def _tune(args: argparse.Namespace) -> None:
 
 def _prune(args: argparse.Namespace) -> None:
     from vitsparse.pruning import prune
+    from vitsparse.pruning.criteria import parse_knob_args
 
     plan = prune(
         _model_source(args.model),
@@ -272,6 +289,8 @@ def _prune(args: argparse.Namespace) -> None:
         budget=args.budget,
         calib=args.calib,
         calib_size=args.calib_size,
+        knobs=parse_knob_args(args.knob),
+        progress=_say,
         layers=args.layers,
         seed=args.seed,
         checkpoint=args.checkpoint,
@@ -279,16 +298,23 @@ def _prune(args: argparse.Namespace) -> None:
     )
     plan.save(args.output)
     print(f"model     {plan.model_id} (weights {plan.weights_hash[:19]}...)")
-    print(f"method    {plan.method}, seed {args.seed}")
+    seed = f", seed {args.seed}" if plan.method == "random" else ""
+    print(f"method    {plan.method}{seed}")
     kept = plan.budget.get("structure", {})
     if "embed" in kept:
         print(f"embed     {kept['embed']} channels kept")
-    for name in ("heads", "mlp"):
+    for name in ("heads", "qk_dims", "v_dims", "mlp"):
         if name in kept:
             print(f"{name:9} kept per block: {', '.join(map(str, kept[name]))}")
     if "tokens" in kept:
         after = ", ".join(f"{n} after block {int(b) + 1}" for b, n in kept["tokens"].items())
-        print(f"tokens    patch tokens kept: {after} ({args.token_rule})")
+        rules = {b.tokens.rule for b in plan.structure.blocks.values() if b.tokens is not None}
+        print(f"tokens    patch tokens kept: {after} ({', '.join(sorted(rules))})")
+    if kept and not plan.layers and args.budget is not None:
+        chosen = ", ".join(
+            f"{k}={v}" for k, v in plan.budget.items() if k not in ("structure", "seed")
+        )
+        print(f"budget    {chosen}")
     if plan.layers:
         densities = [mask.density for mask in plan.layers.values()]
         if "keep" in plan.budget:
@@ -337,12 +363,14 @@ def _eval(args: argparse.Namespace) -> None:
 def _print_prediction(args: argparse.Namespace, plan) -> None:
     """Predicted FLOPs of the pruned model; with --calib and reproducible weights (a checkpoint,
     pretrained or the built-in model), its fidelity to the dense model on those images."""
-    from vitsparse.flop_count import flops
+    from vitsparse.flop_count import flops, params
     from vitsparse.frontend import load_torch_model
 
     model, _ = load_torch_model(args.model, checkpoint=args.checkpoint, pretrained=args.pretrained)
     kept = flops(model, plan).ratio(flops(model))
     print(f"predicted {kept:.1%} of the model's FLOPs kept ({flops(model, plan).macs:,} MACs)")
+    weights = params(model, plan)
+    print(f"predicted {weights / params(model):.1%} of the model's weights kept ({weights:,})")
     reproducible = args.checkpoint or args.pretrained or args.model == DIGITS_MODEL
     if args.calib and reproducible:
         from vitsparse.data.sources import load_images
@@ -435,8 +463,9 @@ def _positive_int(text: str) -> int:
 
 def _prune_method(text: str) -> str:
     from vitsparse.pruning import BLOCK_SCORES
+    from vitsparse.pruning.criteria import CRITERIA
 
-    known = [*BLOCK_SCORES, "lpvit", "upvit"]
+    known = list(dict.fromkeys([*BLOCK_SCORES, *CRITERIA]))
     if text not in known:
         raise argparse.ArgumentTypeError(f"unknown method {text!r}; known: {', '.join(known)}")
     return text

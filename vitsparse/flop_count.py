@@ -57,6 +57,50 @@ def flops(source, plan: PruningPlan | str | None = None, *, batch: int = 1) -> F
         if plan is not None:
             raise ValueError("a Relax module is counted as it is; pass plan=None")
         return _count_relax(source, batch)
+    model, model_id, geo, structure, density = _resolve(source, plan)
+    embed = geo.embed_dim if structure.embed is None else len(structure.embed.kept)
+    prefix = geo.num_prefix_tokens
+    tokens = structure.token_schedule(geo.num_patches, geo.depth)
+    conv = model.patch_embed.proj
+    parts = dict.fromkeys(PARTS, 0)
+    parts["patch_embed"] = geo.num_patches * embed * conv.in_channels * _prod(conv.kernel_size)
+    for i in range(geo.depth):
+        heads, qk, v, hidden = _block_dims(structure, geo, i)
+        n_in, n_out = prefix + tokens[i], prefix + tokens[i + 1]
+
+        def d(layer: str, i=i) -> float:
+            return density.get(f"blocks.{i}.{layer}", 1.0)
+
+        parts["qkv"] += round(n_in * embed * heads * (2 * qk + v) * d("attn.qkv"))
+        parts["attention"] += heads * n_in * n_in * (qk + v)
+        parts["proj"] += round(n_in * heads * v * embed * d("attn.proj"))
+        parts["mlp"] += round(n_out * embed * hidden * (d("mlp.fc1") + d("mlp.fc2")))
+    parts["head"] = embed * _classes(model)
+    return FlopsReport(model_id, batch, {k: v * batch for k, v in parts.items()})
+
+
+def params(source, plan: PruningPlan | str | None = None) -> int:
+    """Weights of ``source`` pruned by ``plan``: the patch projection, every linear layer of the
+    blocks (a block-masked layer counts its kept blocks) and the classifier. Biases, norms,
+    tokens and position embeddings are not counted (well under 1% of a ViT)."""
+    model, _, geo, structure, density = _resolve(source, plan)
+    embed = geo.embed_dim if structure.embed is None else len(structure.embed.kept)
+    conv = model.patch_embed.proj
+    total = embed * conv.in_channels * _prod(conv.kernel_size) + embed * _classes(model)
+    for i in range(geo.depth):
+        heads, qk, v, hidden = _block_dims(structure, geo, i)
+
+        def d(layer: str, i=i) -> float:
+            return density.get(f"blocks.{i}.{layer}", 1.0)
+
+        total += round(embed * heads * (2 * qk + v) * d("attn.qkv"))
+        total += round(heads * v * embed * d("attn.proj"))
+        total += round(embed * hidden * (d("mlp.fc1") + d("mlp.fc2")))
+    return total
+
+
+def _resolve(source, plan):
+    """(model, model id, geometry, structure, {layer: density}) of a torch source and a plan."""
     from vitsparse.frontend import load_torch_model
     from vitsparse.pruning.structured_torch import geometry_of
 
@@ -70,30 +114,24 @@ def flops(source, plan: PruningPlan | str | None = None, *, batch: int = 1) -> F
     structure = plan.structure if plan is not None and plan.structure is not None else Structure()
     check_against(structure, geo, model_id)  # counts only mean something for a plan that fits
     density = {} if plan is None else {name: m.density for name, m in plan.layers.items()}
-    embed = geo.embed_dim if structure.embed is None else len(structure.embed.kept)
-    prefix = geo.num_prefix_tokens
-    tokens = structure.token_schedule(geo.num_patches, geo.depth)
-    conv = model.patch_embed.proj
-    parts = dict.fromkeys(PARTS, 0)
-    parts["patch_embed"] = geo.num_patches * embed * conv.in_channels * _prod(conv.kernel_size)
-    for i in range(geo.depth):
-        block = structure.block(i)
-        heads = _kept(block.heads, geo.num_heads[i])
-        qk, v = _kept(block.qk_dims, geo.head_dim[i]), _kept(block.v_dims, geo.head_dim[i])
-        hidden = _kept(block.mlp, geo.mlp_dim[i])
-        n_in, n_out = prefix + tokens[i], prefix + tokens[i + 1]
+    return model, model_id, geo, structure, density
 
-        def d(layer: str, i=i) -> float:
-            return density.get(f"blocks.{i}.{layer}", 1.0)
 
-        parts["qkv"] += round(n_in * embed * heads * (2 * qk + v) * d("attn.qkv"))
-        parts["attention"] += heads * n_in * n_in * (qk + v)
-        parts["proj"] += round(n_in * heads * v * embed * d("attn.proj"))
-        parts["mlp"] += round(n_out * embed * hidden * (d("mlp.fc1") + d("mlp.fc2")))
-    for head in (getattr(model, "head", None), getattr(model, "head_dist", None)):
-        if isinstance(head, torch.nn.Linear):
-            parts["head"] += embed * head.out_features
-    return FlopsReport(model_id, batch, {k: v * batch for k, v in parts.items()})
+def _block_dims(structure: Structure, geo, i: int) -> tuple[int, int, int, int]:
+    """Kept (heads, q/k dim, v dim, MLP neurons) of block ``i``."""
+    block = structure.block(i)
+    return (
+        _kept(block.heads, geo.num_heads[i]),
+        _kept(block.qk_dims, geo.head_dim[i]),
+        _kept(block.v_dims, geo.head_dim[i]),
+        _kept(block.mlp, geo.mlp_dim[i]),
+    )
+
+
+def _classes(model) -> int:
+    """Outputs of the classifier(s): the head, plus the distillation head where there is one."""
+    heads = (getattr(model, "head", None), getattr(model, "head_dist", None))
+    return sum(h.out_features for h in heads if isinstance(h, torch.nn.Linear))
 
 
 def _kept(index_set, size: int) -> int:

@@ -52,6 +52,8 @@ def _locate(func, graph: ViTGraph) -> dict[int, tuple[relax.Var, relax.Var]]:
             and current not in out
             and _op(binding.value, "relax.add")
             and len(struct_shape(binding.var)) == 3
+            # the residual adds two (B, N, E) streams; a bias add broadcasts an (E,) vector
+            and all(struct_shape(a) == struct_shape(binding.var) for a in binding.value.args)
         ):
             if softmax is None:
                 raise PlanError(f"block {current}: no softmax found in its attention")

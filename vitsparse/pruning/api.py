@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -56,6 +55,8 @@ def prune(
     budget: str | None = None,
     calib: str | Path | None = None,
     calib_size: int = 256,
+    knobs: dict | None = None,
+    progress=None,
 ) -> PruningPlan:
     """Make a pruning plan for a model: structures (heads, MLP neurons, embedding channels,
     tokens) and/or block masks, composed in one plan (the masks on the sliced weights); or, with
@@ -69,7 +70,7 @@ def prune(
         A timm model name or an ``nn.Module`` (see ``vitsparse.frontend.load_torch_model``).
         Pruning reads the PyTorch weights, so ONNX files are not accepted.
     method
-        ``"magnitude"`` or ``"random"`` (see ``block_mask_plan``).
+        Without a budget: ``"magnitude"`` or ``"random"`` (see ``block_mask_plan``).
     blocks
         ``"ROWSxCOLS:KEEP"``: block size and the fraction of blocks each layer keeps.
     heads, mlp, embed
@@ -101,12 +102,15 @@ def prune(
             f"pruning reads the PyTorch weights; {str(source)!r} is an ONNX file. Give the timm "
             "model name, with --checkpoint FILE for your weights"
         )
-    if method == "lpvit":
-        return _lpvit(source, blocks, budget, calib, calib_size, checkpoint, pretrained, layers)
-    if method == "upvit":
-        return _upvit(source, budget, calib, calib_size, checkpoint, pretrained)
-    if budget is not None:
-        raise PlanError(f"method {method!r} takes explicit fractions, not a budget; lpvit does")
+    if budget is not None and any(v is not None for v in (heads, mlp, embed, tokens)):
+        raise PlanError(
+            "a budget lets the criterion choose what to keep; do not also give heads, mlp, "
+            "embed or tokens fractions"
+        )
+    if budget is not None or method not in ("magnitude", "random"):
+        options = {"calib": calib, "calib_size": calib_size, "checkpoint": checkpoint}
+        options.update(pretrained=pretrained, layers=layers, knobs=knobs, progress=progress)
+        return _criterion(method, source, budget, blocks, **options)
     if blocks is None and all(v is None for v in (heads, mlp, embed, tokens)):
         raise PlanError("nothing to prune: give blocks, heads, mlp, embed and/or tokens")
     spec = None if blocks is None else parse_block_spec(blocks)
@@ -177,7 +181,7 @@ def _structure_budget(structure: Structure) -> dict:
     out: dict = {}
     if structure.embed is not None:
         out["embed"] = len(structure.embed.kept)
-    for name in ("heads", "mlp"):
+    for name in ("heads", "qk_dims", "v_dims", "mlp"):
         counts = [
             len(getattr(b, name).kept)
             for b in structure.blocks.values()
@@ -191,44 +195,56 @@ def _structure_budget(structure: Structure) -> dict:
     return out
 
 
-def _budgeted(method, source, budget, calib, calib_size, checkpoint, pretrained):
-    """(model, model_id, Budget, calibration images) for a criterion that spends a budget."""
+def _criterion(
+    method,
+    source,
+    budget,
+    blocks,
+    *,
+    calib,
+    calib_size,
+    checkpoint,
+    pretrained,
+    layers,
+    knobs,
+    progress,
+):
+    """A criterion's plan under a budget (see `vitsparse.pruning.criteria`)."""
     from vitsparse.data.sources import load_images
     from vitsparse.frontend import load_torch_model
     from vitsparse.pruning.budget import Budget
+    from vitsparse.pruning.criteria import criterion, make_plan
 
+    spec = criterion(method)
     if budget is None:
         raise PlanError(f"{method} needs a budget, e.g. flops=0.5")
     parsed = Budget.parse(budget)
+    knobs = dict(knobs or {})
+    if blocks is not None:
+        if "block" not in spec.knobs:
+            raise PlanError(f"{method} does not prune blocks; --blocks does not apply")
+        knobs["block"] = _block_only(blocks)
+    if layers is not None:
+        if method != "lpvit":
+            raise PlanError(
+                f"layer patterns apply to lpvit and to explicit block masks, not {method}"
+            )
+        knobs["layers"] = list(layers)
     model, model_id = load_torch_model(source, checkpoint=checkpoint, pretrained=pretrained)
-    size = model.patch_embed.img_size[0]
-    images = load_images(calib or "synthetic", image_size=size, limit=calib_size).images
-    return model, model_id, parsed, images
-
-
-def _lpvit(source, blocks, budget, calib, calib_size, checkpoint, pretrained, layers):
-    from vitsparse.pruning.lpvit import lpvit_plan
-
-    block = (16, 16) if blocks is None else _block_only(blocks)
-    model, model_id, parsed, images = _budgeted(
-        "lpvit", source, budget, calib, calib_size, checkpoint, pretrained
+    images = None
+    if spec.reads_calibration:
+        size = model.patch_embed.img_size[0]
+        images = load_images(calib or "synthetic", image_size=size, limit=calib_size).images
+    return make_plan(
+        method, model, images, parsed, model_id=model_id, knobs=knobs, progress=progress
     )
-    return lpvit_plan(model, images, parsed, model_id=model_id, block=block, layers=layers)
-
-
-def _upvit(source, budget, calib, calib_size, checkpoint, pretrained):
-    from vitsparse.pruning.upvit import upvit_plan
-
-    model, model_id, parsed, images = _budgeted(
-        "upvit", source, budget, calib, calib_size, checkpoint, pretrained
-    )
-    say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    return upvit_plan(model, images, parsed, model_id=model_id, progress=say)
 
 
 def _block_only(spec: str) -> tuple[int, int]:
-    """``"16x16"`` (lpvit chooses the densities itself)."""
+    """``"16x16"`` (a budgeted criterion chooses the densities itself)."""
     match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", spec)
     if not match:
-        raise PlanError(f"with lpvit, blocks is a block size ROWSxCOLS (e.g. 16x16), got {spec!r}")
+        raise PlanError(
+            f"with a budget, blocks is a block size ROWSxCOLS (e.g. 16x16), got {spec!r}"
+        )
     return int(match.group(1)), int(match.group(2))

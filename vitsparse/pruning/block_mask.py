@@ -7,6 +7,7 @@ first in row-major order, so the result is deterministic.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import math
 import zlib
@@ -146,21 +147,16 @@ def block_mask_plan_for_budget(
     seed: int = 0,
 ) -> PruningPlan:
     """The uniform block-mask plan (every layer the same kept fraction) with the largest kept
-    fraction whose model FLOPs stay within ``budget`` (a `vitsparse.pruning.budget.Budget` of
-    FLOPs): the magnitude baseline at a criterion's budget."""
-    from vitsparse.flop_count import flops
-
-    if budget.metric != "flops":
-        raise PlanError("the uniform block baseline spends a FLOPs budget (e.g. flops=0.5)")
-    dense = flops(model).macs
-    best = None
+    fraction whose model stays within ``budget`` (a `vitsparse.pruning.budget.Budget` of FLOPs
+    or weights): the magnitude baseline at a criterion's budget."""
+    dense = budget.measure(model)
     for step in range(100, 0, -1):  # kept fraction 1.00, 0.99, .., 0.01: the first that fits
         plan = block_mask_plan(
             model, model_id=model_id, block=block, keep=step / 100, method=method, seed=seed
         )
-        if flops(model, plan).macs <= budget.fraction * dense * (1 + 1e-9):
-            best = plan
-            break
-    if best is None:
-        raise PlanError(f"budget flops={budget.fraction} is below what block masks can reach")
-    return best
+        if budget.fits(model, plan, dense):
+            return dataclasses.replace(plan, budget={**budget.to_json(), **plan.budget})
+    raise PlanError(
+        f"budget {budget.metric}={budget.fraction} is below what uniform block masks of the "
+        "blocks' linear layers reach (1% of their blocks kept)"
+    )

@@ -1,10 +1,17 @@
 """What a criterion spends and what it costs: budgets and the cost interface.
 
-A budget keeps a fraction of the model's FLOPs (``flops=0.5``) or of its linear-layer parameters
-(``params=0.5``). A cost model says what pruning a layer saves; criteria trade that saving
-against the distortion pruning causes. `FlopsCost` is the analytic one (multiply-accumulates
-saved); a measured cost table (latency or energy per layer and density on a target) implements
-the same interface.
+A budget keeps a fraction of the model's FLOPs (``flops=0.5``, see `vitsparse.flop_count.flops`)
+or of its weights (``params=0.5``: patch projection, linear layers and classifier, see
+`vitsparse.flop_count.params`). A cost model says what pruning saves; criteria trade that saving
+against the distortion pruning causes:
+
+- ``saving(layer, shape, tokens, sparsity)``: what pruning that fraction of one layer's blocks
+  saves (LPViT);
+- ``model_cost(model, structure)``: what the model with a structure applied costs (NViT's
+  latency-aware regularisation takes differences of it).
+
+`FlopsCost` is the analytic one (multiply-accumulates); a measured cost table (latency or energy
+per layer, density and block shape on a target) implements the same interface.
 """
 
 from __future__ import annotations
@@ -50,15 +57,47 @@ class Budget:
     def to_json(self) -> dict:
         return {self.metric: self.fraction}
 
+    def measure(self, model, plan=None) -> float:
+        """The budget's metric of ``model`` pruned by ``plan`` (MACs or weights)."""
+        from vitsparse.flop_count import flops, params
+
+        if self.metric == "flops":
+            return float(flops(model, plan).macs)
+        return float(params(model, plan))
+
+    def kept(self, model, plan=None, dense: float | None = None) -> float:
+        """The fraction of the dense model's metric that ``plan`` keeps (``dense``: the dense
+        model's `measure`, when the caller has it already)."""
+        return self.measure(model, plan) / (self.measure(model) if dense is None else dense)
+
+    def fits(self, model, plan=None, dense: float | None = None) -> bool:
+        """Whether ``plan`` keeps at most the budget's fraction (within rounding)."""
+        return self.kept(model, plan, dense) <= self.fraction * (1 + 1e-9)
+
 
 class CostModel(Protocol):
-    """What pruning the fraction ``s`` of a layer's blocks saves (higher: more worth pruning)."""
+    """What pruning costs and saves on a target (higher saving: more worth pruning)."""
 
-    def saving(self, layer: str, shape: tuple[int, int], tokens: int, sparsity: float) -> float: ...
+    def saving(self, layer: str, shape: tuple[int, int], tokens: int, sparsity: float) -> float:
+        """What pruning the fraction ``sparsity`` of a layer's blocks saves."""
+        ...
+
+    def model_cost(self, model, structure) -> float:
+        """The cost of ``model`` with ``structure`` (a `Structure`) applied."""
+        ...
 
 
 class FlopsCost:
-    """The analytic cost: multiply-accumulates saved (tokens x out x in x sparsity)."""
+    """The analytic cost: multiply-accumulates."""
 
     def saving(self, layer: str, shape: tuple[int, int], tokens: int, sparsity: float) -> float:
         return tokens * shape[0] * shape[1] * sparsity
+
+    def model_cost(self, model, structure) -> float:
+        from vitsparse.flop_count import flops
+        from vitsparse.plan import PruningPlan
+
+        plan = PruningPlan(
+            model_id="cost", weights_hash="sha256:" + "0" * 64, method="cost", structure=structure
+        )
+        return float(flops(model, plan).macs)

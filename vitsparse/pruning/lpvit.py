@@ -8,7 +8,8 @@ across layers at equal slope of distortion minus cost saving (../shared/PAPERS.m
    (empirical-Fisher second order, lambda 1e-7) for k = 0..n (every block count, not a 1% grid:
    a layer of few blocks would otherwise show flat steps).
 4. Each layer's saving curve from a cost model (`budget.FlopsCost` by default), weighted by
-   ``beta = mean_l max ddelta/ds / mean_l max dsaving/ds``.
+   ``beta = beta_scale * mean_l max ddelta/ds / mean_l max dsaving/ds`` (``beta_scale`` 1: the
+   paper's auto-scaling).
 5. For a slope ``mu``, each layer takes the largest s up to which the slope of
    ``delta - beta * saving`` (made non-decreasing by running maxima) stays at or below ``mu``;
    ``mu`` is bisected until the budget holds. **Sign, decided on purpose:** the saving
@@ -16,9 +17,9 @@ across layers at equal slope of distortion minus cost saving (../shared/PAPERS.m
    pruned more (the published code adds it, which protects the costly layers).
 6. Each layer's sparsity is capped at ``1 - min(0.05, (1 - target) / 2)``.
 
-Calibration images only need to be representative inputs (no labels). On the digits ViT at
-flops=0.9 and 0.5 it keeps more top-1 than uniform magnitude masks; at 0.7 it does not (the FLOPs
-term drives the first block's MLP to the cap); docs/results/criteria.md will carry the curves.
+Calibration images only need to be representative inputs (no labels). The budget is FLOPs or
+weights (`budget.Budget`). docs/results/criteria.md has its accuracy against the baselines and the
+other criteria, and where it loses.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ class _Layer:
     grid: tuple[int, int]
     order: np.ndarray  # block indices, lowest score first
     delta: np.ndarray  # (n + 1,) distortion with k blocks pruned
-    flops: np.ndarray  # (n + 1,) multiply-adds saved
+    metric: np.ndarray  # (n + 1,) the budget's metric saved (multiply-adds or weights)
     saving: np.ndarray  # (n + 1,) the cost model's saving
 
     @property
@@ -73,7 +74,7 @@ def calibration_gradients(model, images: torch.Tensor, batch_size: int = 32) -> 
     return grads
 
 
-def _curves(name, weight, grad, block, tokens, cost: CostModel) -> _Layer:
+def _curves(name, weight, grad, block, tokens, cost: CostModel, metric: str) -> _Layer:
     rows, cols = block
     out_f, in_f = weight.shape
     grid = (out_f // rows, in_f // cols)
@@ -91,14 +92,14 @@ def _curves(name, weight, grad, block, tokens, cost: CostModel) -> _Layer:
     delta = sq / weight.size + 0.5 * dot**2 + 0.5 * LAMBDA * norm
     n = order.size
     fractions = np.arange(n + 1) / n
-    flops = FlopsCost()
+    per_token = 1 if metric == "params" else tokens  # weights saved do not scale with tokens
     return _Layer(
         name,
         (out_f, in_f),
         grid,
         order,
         delta,
-        np.array([flops.saving(name, (out_f, in_f), tokens, f) for f in fractions]),
+        np.array([FlopsCost().saving(name, (out_f, in_f), per_token, f) for f in fractions]),
         np.array([cost.saving(name, (out_f, in_f), tokens, f) for f in fractions]),
     )
 
@@ -112,13 +113,11 @@ def lpvit_plan(
     block: tuple[int, int] = (16, 16),
     cost: CostModel | None = None,
     layers=None,
+    beta_scale: float = 1.0,
 ) -> PruningPlan:
     """The LPViT block-mask plan of ``model`` meeting ``budget`` (see the module docstring)."""
-    from vitsparse.flop_count import flops as count_flops
     from vitsparse.pruning.structured_torch import geometry_of
 
-    if budget.metric != "flops":
-        raise PlanError("lpvit spends a FLOPs budget (e.g. flops=0.5); params is not supported")
     geo = geometry_of(model)
     tokens = geo.num_patches + geo.num_prefix_tokens
     selected = _select_linear_layers(model, list(DEFAULT_LAYERS if layers is None else layers))
@@ -128,11 +127,13 @@ def lpvit_plan(
         weight = module.weight.detach().double().numpy()
         check_block_geometry(name, block, weight.shape)
         grad = grads[name].double().numpy()
-        curves.append(_curves(name, weight, grad, block, tokens, cost or FlopsCost()))
+        curves.append(
+            _curves(name, weight, grad, block, tokens, cost or FlopsCost(), budget.metric)
+        )
     # Slopes per pruned block, in units of sparsity (one block is 1/n of the layer).
     d_delta = [np.diff(c.delta) * c.n for c in curves]
     d_save = [np.diff(c.saving) * c.n for c in curves]
-    beta = float(np.mean([d.max() for d in d_delta])) / max(
+    beta = beta_scale * float(np.mean([d.max() for d in d_delta])) / max(
         float(np.mean([d.max() for d in d_save])), 1e-30
     )
     cap = 1 - min(0.05, (1 - budget.fraction) / 2)
@@ -143,11 +144,11 @@ def lpvit_plan(
         np.maximum.accumulate((dd - beta * ds)[:top])
         for dd, ds, top in zip(d_delta, d_save, tops, strict=True)
     ]
-    dense = count_flops(model).macs
+    dense = budget.measure(model)
     target = (1 - budget.fraction) * dense
 
     def saved(picks):
-        return sum(c.flops[k] for c, k in zip(curves, picks, strict=True))
+        return sum(c.metric[k] for c, k in zip(curves, picks, strict=True))
 
     def choose(mu):
         return [int(np.searchsorted(h, mu, side="right")) for h in hulls]
@@ -155,9 +156,9 @@ def lpvit_plan(
     if saved(tops) < target * (1 - 1e-9):
         most = saved(tops) / dense
         raise PlanError(
-            f"budget flops={budget.fraction} cannot be met by block pruning of these layers: "
-            f"with the per-layer cap of {cap:.2f} sparsity they remove at most {most:.3f} of "
-            f"the model's FLOPs (keeping {1 - most:.3f})"
+            f"budget {budget.metric}={budget.fraction} cannot be met by block pruning of these "
+            f"layers: with the per-layer cap of {cap:.2f} sparsity they remove at most "
+            f"{most:.3f} of the model's {budget.metric} (keeping {1 - most:.3f})"
         )
     lo = min(float(h.min()) for h in hulls if h.size) - 1.0
     hi = max(float(h.max()) for h in hulls if h.size) + 1.0

@@ -15,6 +15,7 @@ keep 70% of the patch tokens still there (rounded, at least one).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import zlib
@@ -63,8 +64,94 @@ def _keep(scores: np.ndarray, fraction: float) -> tuple[int, ...]:
     return tuple(sorted(int(i) for i in order[:n_keep]))
 
 
-def _l1(weight: torch.Tensor) -> np.ndarray:
-    return weight.detach().abs().to(torch.float64).numpy()
+def _abs(weight: torch.Tensor, norm: str) -> np.ndarray:
+    """Elementwise |w| (L1) or w^2 (L2, square-rooted after summing) as float64."""
+    w = weight.detach().to(torch.float64)
+    return (w.abs() if norm == "l1" else w * w).numpy()
+
+
+def magnitude_scores(model: torch.nn.Module, norm: str = "l1") -> dict:
+    """The L1 or L2 norm of every weight each structure owns (see the module docstring):
+    ``{"heads": [per block (H,)], "mlp": [per block (M,)], "embed": (E,)}``."""
+    if norm not in ("l1", "l2"):
+        raise PlanError(f"norm {norm!r} is not 'l1' or 'l2'")
+    geo = geometry_of(model)
+    out: dict = {"heads": [], "mlp": []}
+    for i, blk in enumerate(model.blocks):
+        h, d = geo.num_heads[i], geo.head_dim[i]
+        qkv = _abs(blk.attn.qkv.weight, norm).reshape(3, h, d, -1).sum(axis=(0, 2, 3))
+        proj = _abs(blk.attn.proj.weight, norm).reshape(-1, h, d).sum(axis=(0, 2))
+        out["heads"].append(qkv + proj)
+        fc1 = _abs(blk.mlp.fc1.weight, norm).sum(axis=1)
+        fc2 = _abs(blk.mlp.fc2.weight, norm).sum(axis=0)
+        out["mlp"].append(fc1 + fc2)
+    channel = _abs(model.patch_embed.proj.weight, norm).reshape(geo.embed_dim, -1).sum(axis=1)
+    for blk in model.blocks:
+        channel = channel + _abs(blk.attn.qkv.weight, norm).sum(axis=0)
+        channel = channel + _abs(blk.attn.proj.weight, norm).sum(axis=1)
+        channel = channel + _abs(blk.mlp.fc1.weight, norm).sum(axis=0)
+        channel = channel + _abs(blk.mlp.fc2.weight, norm).sum(axis=1)
+    for head in (getattr(model, "head", None), getattr(model, "head_dist", None)):
+        if isinstance(head, torch.nn.Linear):
+            channel = channel + _abs(head.weight, norm).sum(axis=0)
+    out["embed"] = channel
+    if norm == "l2":
+        out = {
+            "heads": [np.sqrt(a) for a in out["heads"]],
+            "mlp": [np.sqrt(a) for a in out["mlp"]],
+            "embed": np.sqrt(out["embed"]),
+        }
+    return out
+
+
+def uniform_plan(
+    model: torch.nn.Module,
+    scores: dict,
+    budget,
+    *,
+    model_id: str,
+    method: str,
+    embed: bool = True,
+):
+    """The plan keeping the same fraction of every block's heads and MLP neurons and of the
+    embedding channels (``embed=False``: all of them), the highest-scoring ones (``scores`` as
+    from `magnitude_scores`), with the largest fraction that fits ``budget`` (bisected)."""
+    from vitsparse.pruning.api import compose_plan
+
+    dense = budget.measure(model)
+
+    def plan_at(fraction):
+        blocks = {
+            i: BlockStructure(
+                heads=IndexSet(h.size, _keep(h, fraction)),
+                mlp=IndexSet(m.size, _keep(m, fraction)),
+            )
+            for i, (h, m) in enumerate(zip(scores["heads"], scores["mlp"], strict=True))
+        }
+        kept_embed = scores["embed"]
+        structure = Structure(
+            embed=IndexSet(kept_embed.size, _keep(kept_embed, fraction)) if embed else None,
+            blocks=blocks,
+        )
+        plan = compose_plan(model, model_id=model_id, method=method, structure=structure)
+        return dataclasses.replace(
+            plan, budget={**budget.to_json(), "uniform_keep": round(fraction, 6), **plan.budget}
+        )
+
+    lo, hi, best = 0.0, 1.0, None  # kept fraction: the largest whose cost fits
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        plan = plan_at(mid)
+        if budget.fits(model, plan, dense):
+            best, lo = plan, mid
+        else:
+            hi = mid
+    if best is None:
+        raise PlanError(
+            f"budget {budget.metric}={budget.fraction} is below what {method}'s uniform "
+            "structures reach (one head, one neuron and one channel everywhere)"
+        )
+    return best
 
 
 def structure_plan(
@@ -100,17 +187,15 @@ def structure_plan(
         return magnitude
 
     blocks: dict[int, dict] = {i: {} for i in range(geo.depth)}
-    for i, blk in enumerate(model.blocks):
-        h, d = geo.num_heads[i], geo.head_dim[i]
+    magnitude = magnitude_scores(model) if any(v is not None for v in (heads, mlp, embed)) else {}
+    for i in range(geo.depth):
         if heads is not None:
-            qkv = _l1(blk.attn.qkv.weight).reshape(3, h, d, -1).sum(axis=(0, 2, 3))
-            proj = _l1(blk.attn.proj.weight).reshape(-1, h, d).sum(axis=(0, 2))
-            kept = _keep(scores(f"blocks.{i}.heads", qkv + proj), _fraction("heads", heads))
-            blocks[i]["heads"] = IndexSet(h, kept)
+            kept = _keep(
+                scores(f"blocks.{i}.heads", magnitude["heads"][i]), _fraction("heads", heads)
+            )
+            blocks[i]["heads"] = IndexSet(geo.num_heads[i], kept)
         if mlp is not None:
-            fc1 = _l1(blk.mlp.fc1.weight).sum(axis=1)
-            fc2 = _l1(blk.mlp.fc2.weight).sum(axis=0)
-            kept = _keep(scores(f"blocks.{i}.mlp", fc1 + fc2), _fraction("mlp", mlp))
+            kept = _keep(scores(f"blocks.{i}.mlp", magnitude["mlp"][i]), _fraction("mlp", mlp))
             blocks[i]["mlp"] = IndexSet(geo.mlp_dim[i], kept)
     if tokens is not None:
         keep, numbers = parse_token_spec(tokens)
@@ -127,16 +212,7 @@ def structure_plan(
             blocks[number - 1]["tokens"] = TokenKeep(left, token_rule)
     embed_set = None
     if embed is not None:
-        channel = _l1(model.patch_embed.proj.weight).reshape(geo.embed_dim, -1).sum(axis=1)
-        for blk in model.blocks:
-            channel = channel + _l1(blk.attn.qkv.weight).sum(axis=0)
-            channel = channel + _l1(blk.attn.proj.weight).sum(axis=1)
-            channel = channel + _l1(blk.mlp.fc1.weight).sum(axis=0)
-            channel = channel + _l1(blk.mlp.fc2.weight).sum(axis=1)
-        for head in (getattr(model, "head", None), getattr(model, "head_dist", None)):
-            if isinstance(head, torch.nn.Linear):
-                channel = channel + _l1(head.weight).sum(axis=0)
-        kept = _keep(scores("embed", channel), _fraction("embed", embed))
+        kept = _keep(scores("embed", magnitude["embed"]), _fraction("embed", embed))
         embed_set = IndexSet(geo.embed_dim, kept)
     return Structure(
         embed=embed_set,

@@ -7,136 +7,143 @@ fc1 row and fc2 column gone), attention heads (UP-ViT keeps heads whole, so a he
 a unit: its output zeroed before proj), and embedding channels (the channel zeroed on the
 residual stream after the embedding and after every block). Every block keeps the same fraction
 of its heads and of its neurons, and the model that fraction of its embedding channels, the
-highest-KL ones; the fraction is bisected until the model's FLOPs meet the budget.
+highest-KL ones; the fraction is bisected until the model meets the budget (FLOPs or weights).
 
-Cost: one forward pass over the proxy images per channel (progress is reported per family).
+Cost: one forward pass over the proxy images per channel, batched (`importance`), from the block
+the channel belongs to onwards; a progress bar reports the channels scored.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import numpy as np
 import torch
 
-from vitsparse.errors import DataError, PlanError
+from vitsparse._progress import ProgressBar
+from vitsparse.errors import DataError
 from vitsparse.plan import PruningPlan
-from vitsparse.plan_structure import BlockStructure, IndexSet, Structure
 from vitsparse.pruning.budget import Budget
+from vitsparse.pruning.structure import uniform_plan
 from vitsparse.pruning.structured_torch import geometry_of
 
 
-def _kl(dense_log: torch.Tensor, logits: torch.Tensor) -> float:
-    log_q = logits.log_softmax(-1)
-    return float((dense_log.exp() * (dense_log - log_q)).sum())
+def _stem(model, images: torch.Tensor) -> torch.Tensor:
+    """The tokens entering the first block (timm's ``forward_features`` up to the blocks)."""
+    x = model._pos_embed(model.patch_embed(images))
+    return model.norm_pre(model.patch_drop(x))
 
 
-class _Masks:
-    """Forward hooks that zero chosen channels: MLP activations, head outputs, the stream."""
+def _tail(model, x: torch.Tensor, start: int, stream: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits from the tokens entering block ``start``; ``stream`` (rows, E) multiplies the
+    residual stream before the first of those blocks and after every one of them."""
+    if stream is not None:
+        x = x * stream[:, None, :]
+    for blk in model.blocks[start:]:
+        x = blk(x)
+        if stream is not None:
+            x = x * stream[:, None, :]
+    return model.forward_head(model.norm(x))
 
-    def __init__(self, model):
-        self.model, self.handles = model, []
-        self.mlp: dict[int, torch.Tensor] = {}
-        self.heads: dict[int, torch.Tensor] = {}
-        self.stream: torch.Tensor | None = None
-        for i, blk in enumerate(model.blocks):
-            self.handles.append(blk.mlp.act.register_forward_hook(self._mlp_hook(i)))
-            self.handles.append(blk.attn.proj.register_forward_pre_hook(self._head_hook(i, blk)))
-            self.handles.append(blk.register_forward_hook(self._stream_hook))
-        self.handles.append(model.norm_pre.register_forward_hook(self._stream_hook))
 
-    def _mlp_hook(self, i):
-        def hook(_module, _inputs, out):
-            return out if i not in self.mlp else out * self.mlp[i]
+class _BlockMask:
+    """Forward hooks on one block that multiply its MLP activations or its head outputs (before
+    proj) by per-row masks (rows of the batch, channels)."""
 
-        return hook
-
-    def _head_hook(self, i, blk):
+    def __init__(self, blk):
+        self.mlp: torch.Tensor | None = None
+        self.heads: torch.Tensor | None = None
         dim = blk.attn.head_dim
 
-        def hook(_module, inputs):
-            if i not in self.heads:
+        def mlp_hook(_module, _inputs, out):
+            return out if self.mlp is None else out * self.mlp[:, None, :]
+
+        def head_hook(_module, inputs):
+            if self.heads is None:
                 return None
             (x,) = inputs
-            return (x * self.heads[i].repeat_interleave(dim),)
+            return (x * self.heads.repeat_interleave(dim, dim=1)[:, None, :],)
 
-        return hook
+        self.handles = [
+            blk.mlp.act.register_forward_hook(mlp_hook),
+            blk.attn.proj.register_forward_pre_hook(head_hook),
+        ]
 
-    def set_mlp(self, block: int, keep: torch.Tensor) -> None:
-        self.mlp = {block: keep}
-
-    def set_heads(self, block: int, keep: torch.Tensor) -> None:
-        self.heads = {block: keep}
-
-    def set_stream(self, keep: torch.Tensor) -> None:
-        self.stream = keep
-
-    def clear(self) -> None:
-        self.mlp, self.heads, self.stream = {}, {}, None
-
-    def _stream_hook(self, _module, _inputs, out):
-        return out if self.stream is None else out * self.stream
-
-    def close(self):
+    def close(self) -> None:
         for handle in self.handles:
             handle.remove()
 
 
 def importance(
-    model, images: torch.Tensor, *, progress: Callable[[str], None] | None = None
+    model,
+    images: torch.Tensor,
+    *,
+    batch: int = 256,
+    progress: Callable[[str], None] | None = None,
 ) -> dict:
     """KL leave-one-out importance: ``{"mlp": [per block (M,)], "heads": [per block (H,)],
-    "embed": (E,)}`` as numpy arrays."""
+    "embed": (E,)}`` as numpy arrays.
+
+    Batched: the proxy images are repeated once per channel left out, up to ``batch`` rows a
+    forward pass, each copy with its own channel zeroed. A channel of block ``i`` only changes
+    blocks ``i`` onwards, so those passes start from the cached tokens entering block ``i``.
+    ``progress`` gets a progress bar over all channels.
+    """
     if len(images) == 0:
         raise DataError("the proxy (calibration) set is empty")
-    say = progress or (lambda _msg: None)
     geo = geometry_of(model)
     model = model.eval()
-    masks = _Masks(model)
-    try:
-        with torch.no_grad():
-            dense_log = model(images).log_softmax(-1)
-            out = {"mlp": [], "heads": [], "embed": None}
+    n = len(images)
+    per_pass = max(1, batch // n)  # channels left out per forward pass
+    total = sum(geo.mlp_dim) + sum(geo.num_heads) + geo.embed_dim
+    bar = ProgressBar(f"[upvit] {total} channels x {n} images", total, progress)
+    out: dict = {"mlp": [], "heads": []}
+    with torch.no_grad():
+        inputs = [_stem(model, images)]
+        for blk in model.blocks:
+            inputs.append(blk(inputs[-1]))
+        dense_log = model.forward_head(model.norm(inputs[-1])).log_softmax(-1)
 
-            def leave_one_out(size, apply):
-                """KL with each of ``size`` channels zeroed in turn through ``apply(mask)``."""
-                scores = np.zeros(size)
-                for c in range(size):
-                    keep = torch.ones(size)
-                    keep[c] = 0
-                    apply(keep)
-                    scores[c] = _kl(dense_log, model(images))
-                return scores
+        def leave_one_out(size: int, run) -> np.ndarray:
+            """KL per channel; ``run(masks, x)`` gives the logits of rows masked by ``masks``."""
+            scores = np.zeros(size)
+            for first in range(0, size, per_pass):
+                chans = range(first, min(size, first + per_pass))
+                masks = torch.ones(len(chans), size)
+                masks[torch.arange(len(chans)), torch.tensor(list(chans))] = 0
+                logits = run(masks.repeat_interleave(n, dim=0))
+                log_q = logits.log_softmax(-1).reshape(len(chans), n, -1)
+                kl = (dense_log.exp() * (dense_log - log_q)).sum(dim=(1, 2))
+                scores[first : first + len(chans)] = kl.double().numpy()
+                bar.advance(len(chans))
+            return scores
 
-            for i in range(geo.depth):
-                out["mlp"].append(leave_one_out(geo.mlp_dim[i], lambda k, i=i: masks.set_mlp(i, k)))
-                masks.clear()
-                out["heads"].append(
-                    leave_one_out(geo.num_heads[i], lambda k, i=i: masks.set_heads(i, k))
-                )
-                masks.clear()
-                say(f"[upvit] block {i + 1}/{geo.depth}: neurons and heads scored")
-            out["embed"] = leave_one_out(geo.embed_dim, masks.set_stream)
-            masks.clear()
-            say(f"[upvit] {geo.embed_dim} embedding channels scored")
-    finally:
-        masks.close()
+        for i, blk in enumerate(model.blocks):
+            hooks = _BlockMask(blk)
+            try:
+
+                def run_mlp(masks, i=i, hooks=hooks):
+                    hooks.mlp = masks
+                    x = inputs[i].repeat(len(masks) // n, 1, 1)
+                    return _tail(model, x, i)
+
+                out["mlp"].append(leave_one_out(geo.mlp_dim[i], run_mlp))
+                hooks.mlp = None
+
+                def run_heads(masks, i=i, hooks=hooks):
+                    hooks.heads = masks
+                    x = inputs[i].repeat(len(masks) // n, 1, 1)
+                    return _tail(model, x, i)
+
+                out["heads"].append(leave_one_out(geo.num_heads[i], run_heads))
+            finally:
+                hooks.close()
+
+        def run_stream(masks):
+            return _tail(model, inputs[0].repeat(len(masks) // n, 1, 1), 0, stream=masks)
+
+        out["embed"] = leave_one_out(geo.embed_dim, run_stream)
     return out
-
-
-def _top(scores: np.ndarray, fraction: float) -> IndexSet:
-    count = max(1, math.floor(fraction * scores.size + 0.5))
-    order = np.argsort(-scores, kind="stable")
-    return IndexSet(scores.size, tuple(sorted(int(i) for i in order[:count])))
-
-
-def _structure(scores: dict, fraction: float, embed: bool) -> Structure:
-    blocks = {
-        i: BlockStructure(heads=_top(h, fraction), mlp=_top(m, fraction))
-        for i, (h, m) in enumerate(zip(scores["heads"], scores["mlp"], strict=True))
-    }
-    return Structure(embed=_top(scores["embed"], fraction) if embed else None, blocks=blocks)
 
 
 def upvit_plan(
@@ -146,31 +153,13 @@ def upvit_plan(
     *,
     model_id: str,
     embed: bool = True,
+    batch: int = 256,
+    scores: dict | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> PruningPlan:
     """The UP-ViT structural plan of ``model`` within ``budget`` (see the module docstring);
-    ``embed=False`` keeps the embedding width."""
-    from vitsparse.flop_count import flops
-    from vitsparse.pruning.api import compose_plan
-
-    if budget.metric != "flops":
-        raise PlanError("upvit spends a FLOPs budget (e.g. flops=0.5); params is not supported")
-    scores = importance(model, proxy, progress=progress)
-    dense = flops(model).macs
-
-    def plan_at(fraction):
-        structure = _structure(scores, fraction, embed)
-        return compose_plan(model, model_id=model_id, method="upvit", structure=structure)
-
-    lo, hi = 0.0, 1.0  # kept fraction: the largest whose FLOPs fit
-    best = None
-    for _ in range(30):
-        mid = (lo + hi) / 2
-        plan = plan_at(mid)
-        if flops(model, plan).macs <= budget.fraction * dense:
-            best, lo = plan, mid
-        else:
-            hi = mid
-    if best is None:
-        raise PlanError(f"budget flops={budget.fraction} is below what upvit's structures reach")
-    return best
+    ``embed=False`` keeps the embedding width; ``scores``: an `importance` result to reuse (one
+    scoring serves every budget); ``batch``: rows per leave-one-out forward pass."""
+    if scores is None:
+        scores = importance(model, proxy, batch=batch, progress=progress)
+    return uniform_plan(model, scores, budget, model_id=model_id, method="upvit", embed=embed)
