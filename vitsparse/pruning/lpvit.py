@@ -133,8 +133,10 @@ def lpvit_plan(
     # Slopes per pruned block, in units of sparsity (one block is 1/n of the layer).
     d_delta = [np.diff(c.delta) * c.n for c in curves]
     d_save = [np.diff(c.saving) * c.n for c in curves]
-    beta = beta_scale * float(np.mean([d.max() for d in d_delta])) / max(
-        float(np.mean([d.max() for d in d_save])), 1e-30
+    beta = (
+        beta_scale
+        * float(np.mean([d.max() for d in d_delta]))
+        / max(float(np.mean([d.max() for d in d_save])), 1e-30)
     )
     cap = 1 - min(0.05, (1 - budget.fraction) / 2)
     tops = [min(int(np.floor(cap * c.n + 1e-9)), c.n - 1) for c in curves]
