@@ -124,6 +124,14 @@ def test_prune_cli_for_each_criterion(capsys, tmp_path, method, extra, printed):
         assert "100%" in captured.err  # the progress bar reached its end
 
 
+def test_prune_help_names_every_knob(capsys):
+    with pytest.raises(SystemExit):
+        main(["prune", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for name, spec in CRITERIA.items():
+        assert f"{name} {'/'.join(spec.knobs)}" in text
+
+
 def test_prune_cli_bad_knob_exits_2(capsys, tmp_path):
     from vitsparse.data.digits import DIGITS_MODEL
 

@@ -125,8 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="a criterion knob, repeatable: magnitude kind/block/embed, lpvit block/layers, "
-        "nvit eta/steps/batch/seed, upvit embed/batch, cpvit head_share/min_tokens/batch",
+        help="a criterion knob, repeatable: magnitude kind/block/embed, "
+        "lpvit block/layers/beta_scale, nvit eta/steps/batch/seed, upvit embed/batch, "
+        "cpvit head_share/min_tokens/batch",
     )
     p.add_argument(
         "--calib",

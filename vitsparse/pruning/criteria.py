@@ -22,12 +22,15 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from vitsparse.errors import PlanError
-from vitsparse.plan import PruningPlan
-from vitsparse.pruning.budget import Budget
+
+if TYPE_CHECKING:  # the registry stays cheap to import (the CLI's help texts read it)
+    import torch
+
+    from vitsparse.plan import PruningPlan
+    from vitsparse.pruning.budget import Budget
 
 
 def _block(text) -> tuple[int, int]:
