@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 
 import pytest
 import torch
@@ -206,3 +207,52 @@ def test_plan_for_other_weights_fails_before_timing(tmp_path):
 def test_pruned_row_without_a_plan():
     with pytest.raises(ValueError, match="tvm-pruned.*need a pruning plan"):
         bench(tiny_vit(depth=1), include=("torch-eager", "tvm-pruned"), progress=None)
+
+
+class _TenWatts:
+    """A fake CPU meter drawing a constant 10 W (the plumbing test; real readers are in
+    test_meters)."""
+
+    name, available, reason = "fake-10W", True, ""
+
+    def start(self):
+        self.t0 = time.perf_counter()
+
+    def joules(self):
+        return 10.0 * (time.perf_counter() - self.t0)
+
+    def stop(self):
+        pass
+
+
+def test_energy_columns_where_a_meter_exists(monkeypatch):
+    from vitsparse.targets import meters
+
+    monkeypatch.setitem(meters.METERS, "cpu", _TenWatts)
+    report = bench(
+        tiny_vit(depth=1),
+        threads=2,
+        repeat=2,
+        number=1,
+        include=("torch-eager", "tvm-dense"),
+        energy_seconds=0.2,
+        progress=None,
+    )
+    assert report.meters == {"cpu": "fake-10W"}
+    for row in report.rows:
+        assert row.watts == pytest.approx(10.0, rel=0.05)
+        assert 0 < row.energy_j < 10.0 * 0.2  # one run's share of the window
+    again = BenchReport.from_json(json.loads(json.dumps(report.to_json())))
+    assert again.row("tvm-dense").energy_j == report.row("tvm-dense").energy_j
+    assert "energy mJ" in report.table() and "energy on cpu: fake-10W" in report.table()
+
+
+def test_no_meter_leaves_energy_null_and_says_why(tiny_report):
+    from vitsparse.targets.meters import RaplMeter
+
+    if RaplMeter().available:
+        pytest.skip("this host has RAPL")
+    report, _ = tiny_report
+    assert all(r.energy_j is None and r.watts is None for r in report.rows)
+    assert report.meters["cpu"].startswith("unavailable: no /sys/class/powercap")
+    assert report.to_json()["rows"][0]["energy_j"] is None

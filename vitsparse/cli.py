@@ -70,6 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--plan", metavar="PLAN.json", help="pruning plan (`vitsparse prune`) for the pruned rows"
     )
+    p.add_argument(
+        "--energy-seconds",
+        type=float,
+        default=3.0,
+        metavar="S",
+        help="where a row's device has a power meter (RAPL, NVML), measure energy per inference "
+        "and watts over a window of at least S seconds (default 3; 0 skips)",
+    )
     p.add_argument("--json", type=_output_file, metavar="FILE", help="write the report as JSON")
     p.add_argument("--markdown", type=_output_file, metavar="FILE", help="write it as markdown")
     p.set_defaults(run=_bench)
@@ -250,6 +258,7 @@ def _bench(args: argparse.Namespace) -> None:
         cuda_arch=args.cuda_arch,
         include=args.runtimes,
         plan=args.plan,
+        energy_seconds=args.energy_seconds,
         progress=_say,
     )
     print(report.table())

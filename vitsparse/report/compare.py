@@ -64,6 +64,7 @@ def bench(
     include: Sequence[str] | None = None,
     seed: int = 0,
     plan: PruningPlan | str | Path | None = None,
+    energy_seconds: float = 3.0,
     progress: Progress | None = print,
 ) -> BenchReport:
     """Time ``source`` under each runtime in ``include`` and check their outputs.
@@ -89,6 +90,11 @@ def bench(
         A ``PruningPlan`` or the path of its JSON file, for the pruned rows: torch-pruned (the
         plan applied to the PyTorch model) and tvm-pruned (compiled with the plan). Their errors
         are measured against torch-pruned's output. The plan must match the model's weights.
+    energy_seconds
+        Where the device of a row has a power meter (`vitsparse.targets.meters`: RAPL for the
+        CPU, NVML for a CUDA GPU), that row also gets ``energy_j`` per inference and ``watts``,
+        from a window of repeated runs at least this long; 0 skips it. Without a meter they stay
+        None and the report says why.
     progress
         Called with one line per step (``None`` for silence).
 
@@ -141,6 +147,7 @@ def bench(
             tmpdir=Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="vitsparse-"))),
             plan=plan,
             pruned_model=pruned_model,
+            energy_seconds=energy_seconds,
         )
         session.reference_name, session.reference = _reference(session)
         if pruned_model is not None:
@@ -160,6 +167,7 @@ def bench(
         date=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         host=host_info(),
         rows=rows,
+        meters=session.meter_notes(),
     )
 
 
@@ -219,10 +227,42 @@ class _Session:
     plan: Any = None  # PruningPlan
     pruned_model: Any = None  # torch.nn.Module with the plan's masks applied
     pruned_reference: np.ndarray | None = None  # its output: the pruned rows' reference
+    energy_seconds: float = 3.0
     _onnx: tuple[Path, str] | None = field(default=None, repr=False)
+    _meters: dict = field(default_factory=dict, repr=False)
 
-    def ok_row(self, runtime, out, latency, *, detail, pruned=False, device="cpu", repeats=None):
-        """The row of a runtime that ran: its latency and its error against the reference."""
+    def meter(self, device: str):
+        """The power meter of ``device`` (made once; it may be unavailable)."""
+        from vitsparse.targets.meters import meter_for
+
+        if device not in self._meters:
+            self._meters[device] = meter_for(device)
+        return self._meters[device]
+
+    def meter_notes(self) -> dict[str, str]:
+        if self.energy_seconds <= 0:
+            return {}
+        return {
+            device: meter.name if meter.available else f"unavailable: {meter.reason}"
+            for device, meter in self._meters.items()
+        }
+
+    def energy(self, device: str, run: Callable[[], object]) -> tuple[float | None, float | None]:
+        """(joules per run, mean watts) over a window of ``run()`` calls, or (None, None)."""
+        from vitsparse.targets.meters import measure
+
+        if self.energy_seconds <= 0 or not self.meter(device).available:
+            return None, None
+        self.say(f"[bench] measuring energy on {device} ({self.energy_seconds:g} s) ...")
+        reading = measure(run, self.meter(device), min_seconds=self.energy_seconds)
+        return reading.energy_j, reading.watts
+
+    def ok_row(
+        self, runtime, out, latency, *, detail, pruned=False, device="cpu", repeats=None, run=None
+    ):
+        """The row of a runtime that ran: its latency, its error against the reference, and its
+        energy where ``device`` has a meter (``run`` runs it once)."""
+        energy_j, watts = (None, None) if run is None else self.energy(device, run)
         return BenchRow(
             runtime=runtime,
             device=device,
@@ -231,6 +271,8 @@ class _Session:
             repeats=self.timing.repeat if repeats is None else repeats,
             max_abs_err_vs_torch=self.error(out, pruned=pruned),
             detail=detail,
+            energy_j=energy_j,
+            watts=watts,
         )
 
     def error(self, out: np.ndarray, *, pruned: bool = False) -> float:
@@ -303,7 +345,9 @@ def _time_torch(
     with _torch_threads(session.threads), torch.inference_mode():
         out = model(x).numpy()
         latency = session.timing.measure(lambda: model(x))
-    return session.ok_row(runtime, out, latency, detail=detail, pruned=pruned)
+        return session.ok_row(
+            runtime, out, latency, detail=detail, pruned=pruned, run=lambda: model(x)
+        )
 
 
 def _run_onnxruntime(session: _Session) -> BenchRow:
@@ -311,8 +355,8 @@ def _run_onnxruntime(session: _Session) -> BenchRow:
         session.say(f"[bench] timing {ONNXRUNTIME} ({session.threads} threads) ...")
         out = run()
         latency = session.timing.measure(run)
-    detail = f"onnxruntime {_version('onnxruntime')} CPUExecutionProvider on {made_from}"
-    return session.ok_row(ONNXRUNTIME, out, latency, detail=detail)
+        detail = f"onnxruntime {_version('onnxruntime')} CPUExecutionProvider on {made_from}"
+        return session.ok_row(ONNXRUNTIME, out, latency, detail=detail, run=run)
 
 
 def _run_tvm_dense(session: _Session) -> BenchRow:
@@ -368,6 +412,7 @@ def _run_tvm(session: _Session, runtime: str, plan=None) -> BenchRow:
         pruned=plan is not None,
         device=spec.device_type,
         repeats=stats.repeats,
+        run=lambda: compiled.run(session.x),
     )
 
 

@@ -4,7 +4,7 @@ markdown table and fixed-width text for the terminal."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 TORCH_EAGER = "torch-eager"
@@ -16,7 +16,7 @@ PRUNED_RUNTIMES = (TORCH_PRUNED, TVM_PRUNED)  # errors measured against torch-pr
 # Speedups of the pruned TVM model, beyond every dense TVM row vs every dense baseline.
 _PRUNED_SPEEDUPS = ((TVM_PRUNED, TVM_DENSE), (TVM_PRUNED, TORCH_EAGER))
 STATUS_OK = "ok"
-_ALIGN = "llrrrrrrl"  # runtime, device, 6 numbers, status
+_ALIGN = "llrrrrrrrrl"  # runtime, device, 8 numbers, status
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,8 @@ class BenchRow:
     repeats: int = 0
     max_abs_err_vs_torch: float | None = None
     detail: str = ""
+    energy_j: float | None = None  # per inference, measured by a power meter; None: no meter
+    watts: float | None = None
 
     @property
     def ran(self) -> bool:
@@ -49,6 +51,8 @@ class BenchRow:
             "latency_ms": None if self.latency_ms is None else dict(self.latency_ms),
             "repeats": self.repeats,
             "max_abs_err_vs_torch": self.max_abs_err_vs_torch,
+            "energy_j": self.energy_j,
+            "watts": self.watts,
             "status": self.status,
             "device": self.device,
             "detail": self.detail,
@@ -64,6 +68,8 @@ class BenchRow:
             repeats=data["repeats"],
             max_abs_err_vs_torch=data["max_abs_err_vs_torch"],
             detail=data.get("detail", ""),
+            energy_j=data.get("energy_j"),
+            watts=data.get("watts"),
         )
 
 
@@ -90,6 +96,7 @@ class BenchReport:
     host: Mapping[str, Any]
     rows: tuple[BenchRow, ...]
     weights: str = "random"
+    meters: Mapping[str, str] = field(default_factory=dict)  # device -> meter, or why none
 
     def row(self, runtime: str) -> BenchRow:
         """The row of ``runtime`` (KeyError if it was not included)."""
@@ -127,6 +134,7 @@ class BenchReport:
             "date": self.date,
             "host": dict(self.host),
             "rows": [r.to_json() for r in self.rows],
+            "meters": dict(self.meters),
             "speedup": self.speedup,
         }
 
@@ -147,6 +155,7 @@ class BenchReport:
             host=dict(data["host"]),
             rows=tuple(BenchRow.from_json(r) for r in data["rows"]),
             weights=data.get("weights", "random"),
+            meters=dict(data.get("meters", {})),
         )
 
     def title(self) -> str:
@@ -193,6 +202,8 @@ class BenchReport:
             "runs",
             f"max|err| vs {self.reference}",
             f"speedup vs {self.reference}",
+            "energy mJ",
+            "watts",
             "status",
         ]
         cells = []
@@ -210,6 +221,8 @@ class BenchReport:
                     f"{r.repeats}x{self.number}" if r.ran else "-",
                     err,
                     speed,
+                    "-" if r.energy_j is None else f"{r.energy_j * 1e3:.1f}",
+                    "-" if r.watts is None else f"{r.watts:.1f}",
                     r.status,
                 ]
             )
@@ -232,6 +245,7 @@ class BenchReport:
                 f"{', '.join(pruned)}: errors are measured against {TORCH_PRUNED}'s output (the "
                 f"same pruned weights), not {self.reference}'s"
             )
+        notes += [f"energy on {d}: {m}" for d, m in self.meters.items()]
         notes += [f"{r.runtime}: {r.detail}" for r in self.rows if r.detail]
         return notes
 
