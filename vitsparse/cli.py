@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from vitsparse.errors import ArtifactError, ModelError, PlanError, VitsparseError
+from vitsparse.errors import ArtifactError, ModelError, PlanError, TargetError, VitsparseError
 
 DEMO_MODEL = "deit_tiny_patch16_224"
 DIGITS_MODEL = "vitsparse/digits_vit"  # vitsparse.data.digits.DIGITS_MODEL (not imported: torch)
@@ -78,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="where a row's device has a power meter (RAPL, NVML), measure energy per inference "
         "and watts over a window of at least S seconds (default 3; 0 skips)",
     )
+    _rpc_args(p, "measure the TVM rows on a device of KEY (PyTorch/ONNX Runtime stay here)")
     p.add_argument("--json", type=_output_file, metavar="FILE", help="write the report as JSON")
     p.add_argument("--markdown", type=_output_file, metavar="FILE", help="write it as markdown")
     p.set_defaults(run=_bench)
@@ -90,7 +91,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--plan", metavar="PLAN.json", help="tune the model pruned by this plan (BSR kernels too)"
     )
+    _rpc_args(p, "build here, measure every candidate on a device of KEY")
     p.set_defaults(run=_tune)
+
+    p = commands.add_parser("rpc", help="a local RPC tracker or device server, for testing")
+    rpc_commands = p.add_subparsers(dest="rpc_command", required=True, metavar="WHAT")
+    q = rpc_commands.add_parser("tracker", help="run an RPC tracker until interrupted")
+    q.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    q.add_argument("--port", type=_positive_int, default=9190, help="first port to try")
+    q.set_defaults(run=_rpc_tracker)
+    q = rpc_commands.add_parser(
+        "server", help="run an RPC server for this machine, registered under a key"
+    )
+    q.add_argument("--tracker", required=True, metavar="HOST:PORT", help="the tracker")
+    q.add_argument("--key", required=True, metavar="KEY", help="device key, e.g. arm-qemu")
+    q.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    q.add_argument("--port", type=_positive_int, default=9090, help="first port to try")
+    q.set_defaults(run=_rpc_server)
 
     p = commands.add_parser(
         "eval", help="top-1 accuracy of a model (and of it pruned), and the pruned fidelity"
@@ -259,6 +276,7 @@ def _bench(args: argparse.Namespace) -> None:
         include=args.runtimes,
         plan=args.plan,
         energy_seconds=args.energy_seconds,
+        rpc=_rpc_device(args),
         progress=_say,
     )
     print(report.table())
@@ -278,9 +296,59 @@ def _tune(args: argparse.Namespace) -> None:
         pretrained=args.pretrained,
         cuda_arch=args.cuda_arch,
         plan=args.plan,
+        rpc=_rpc_device(args),
         progress=_say,
     )
     print(report.summary())
+
+
+def _rpc_args(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--rpc", metavar="HOST:PORT", help=f"RPC tracker: {what}")
+    p.add_argument("--key", metavar="KEY", help="device key at the tracker (with --rpc)")
+
+
+def _rpc_device(args: argparse.Namespace):
+    if args.rpc is None and args.key is None:
+        return None
+    if args.rpc is None or args.key is None:
+        raise TargetError("--rpc HOST:PORT and --key KEY go together")
+    from vitsparse.targets.rpc import RpcDevice, parse_address
+
+    parse_address(args.rpc)
+    return RpcDevice(args.rpc, args.key)
+
+
+def _rpc_tracker(args: argparse.Namespace) -> None:
+    from vitsparse.targets.rpc import start_tracker
+
+    tracker = start_tracker(args.host, args.port)
+    print(f"tracker   {args.host}:{tracker.port} (Ctrl-C stops it)", flush=True)
+    _wait(tracker)
+
+
+def _rpc_server(args: argparse.Namespace) -> None:
+    from vitsparse.targets.rpc import parse_address, start_server
+
+    parse_address(args.tracker)
+    server = start_server(args.tracker, args.key, host=args.host, port=args.port)
+    print(
+        f"server    {args.host}:{server.port}, key {args.key}, tracker {args.tracker} "
+        "(Ctrl-C stops it)",
+        flush=True,
+    )
+    _wait(server)
+
+
+def _wait(process) -> None:
+    import time
+
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        process.terminate()
 
 
 def _prune(args: argparse.Namespace) -> None:

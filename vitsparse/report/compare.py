@@ -14,6 +14,7 @@ is a new function there.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.metadata
 import os
 import platform
@@ -65,6 +66,7 @@ def bench(
     seed: int = 0,
     plan: PruningPlan | str | Path | None = None,
     energy_seconds: float = 3.0,
+    rpc=None,
     progress: Progress | None = print,
 ) -> BenchReport:
     """Time ``source`` under each runtime in ``include`` and check their outputs.
@@ -95,6 +97,10 @@ def bench(
         CPU, NVML for a CUDA GPU), that row also gets ``energy_j`` per inference and ``watts``,
         from a window of repeated runs at least this long; 0 skips it. Without a meter they stay
         None and the report says why.
+    rpc
+        A `vitsparse.targets.rpc.RpcDevice`: the TVM rows are built here and measured on a
+        device of its key through the tracker (uploaded, then ``time_evaluator``); PyTorch and
+        ONNX Runtime still run on this machine, as the numerical reference.
     progress
         Called with one line per step (``None`` for silence).
 
@@ -128,6 +134,8 @@ def bench(
     spec = resolve_target(target, cuda_arch=cuda_arch)
     if any(name.startswith("tvm-") for name in include):
         open_database(db, spec)  # a bad database fails now, not after the other runtimes
+        if rpc is not None:
+            rpc.check()  # so does an unreachable tracker or an unknown key
     if plan is not None and not isinstance(plan, PruningPlan):
         plan = PruningPlan.load(plan)  # so does a bad plan file
     label = source if isinstance(source, str | Path) else type(source).__name__
@@ -148,6 +156,7 @@ def bench(
             plan=plan,
             pruned_model=pruned_model,
             energy_seconds=energy_seconds,
+            rpc=rpc,
         )
         session.reference_name, session.reference = _reference(session)
         if pruned_model is not None:
@@ -228,6 +237,7 @@ class _Session:
     pruned_model: Any = None  # torch.nn.Module with the plan's masks applied
     pruned_reference: np.ndarray | None = None  # its output: the pruned rows' reference
     energy_seconds: float = 3.0
+    rpc: Any = None  # RpcDevice: the TVM rows run there
     _onnx: tuple[Path, str] | None = field(default=None, repr=False)
     _meters: dict = field(default_factory=dict, repr=False)
 
@@ -242,10 +252,13 @@ class _Session:
     def meter_notes(self) -> dict[str, str]:
         if self.energy_seconds <= 0:
             return {}
-        return {
+        notes = {
             device: meter.name if meter.available else f"unavailable: {meter.reason}"
             for device, meter in self._meters.items()
         }
+        if self.rpc is not None:
+            notes[f"rpc:{self.rpc.key}"] = "unavailable: no meter is read over RPC"
+        return notes
 
     def energy(self, device: str, run: Callable[[], object]) -> tuple[float | None, float | None]:
         """(joules per run, mean watts) over a window of ``run()`` calls, or (None, None)."""
@@ -389,6 +402,8 @@ def _run_tvm(session: _Session, runtime: str, plan=None) -> BenchRow:
         detail += (
             f"; {sparsity_summary(compiled)}; error vs {TORCH_PRUNED} (the same pruned weights)"
         )
+    if session.rpc is not None:
+        return _run_tvm_remote(session, runtime, compiled, detail, pruned=plan is not None)
     if not spec.runs_locally:
         where = "a CUDA GPU" if spec.device_type == "cuda" else "a matching CPU"
         return BenchRow.not_run(
@@ -414,6 +429,21 @@ def _run_tvm(session: _Session, runtime: str, plan=None) -> BenchRow:
         repeats=stats.repeats,
         run=lambda: compiled.run(session.x),
     )
+
+
+def _run_tvm_remote(session: _Session, runtime: str, compiled, detail: str, *, pruned: bool):
+    from vitsparse.targets.rpc import remote_run
+
+    device = session.rpc
+    session.say(f"[bench] timing {runtime} on a {device.key!r} device via {device.tracker} ...")
+    t = session.timing
+    result = remote_run(
+        compiled, session.x, device, repeat=t.repeat, number=t.number, warmup=t.warmup
+    )
+    stats = _stats([s * 1e3 for s in result.seconds])
+    detail += f"; measured on {result.device} via the tracker {device.tracker}"
+    row = session.ok_row(runtime, result.output, stats, detail=detail, pruned=pruned)
+    return dataclasses.replace(row, device=result.device)
 
 
 def sparsity_summary(compiled) -> str:

@@ -204,6 +204,7 @@ def tune(
     pretrained: bool = False,
     cuda_arch: str | None = None,
     plan=None,
+    rpc=None,
     progress: Callable[[str], None] | None = print,
 ) -> TuneReport:
     """Tune every kernel of ``source`` compiled for ``target`` into the database under ``db``.
@@ -213,14 +214,27 @@ def tune(
 
     ``trials`` is the total MetaSchedule trial budget for the model (default: 12 per distinct
     kernel); trials already in the database count against it, so re-running resumes.
+
+    With ``rpc`` (a `vitsparse.targets.rpc.RpcDevice`) candidates are built here (cross-compiled
+    where the target needs it) and measured on a device of its key through the tracker. Records
+    are committed per measured batch, so an interrupted job resumes when re-run. A device that
+    disappears mid-job is not handled yet: the tracker queues the request until one of the key
+    returns, so the job waits (on interruption it reports what the database holds).
     """
     say = progress or (lambda _msg: None)
     spec = resolve_target(target, cuda_arch=cuda_arch)
-    if spec.schedule_family != "cpu" or not spec.runs_locally:
+    if spec.schedule_family != "cpu":
         raise TargetError(
-            f"tuning for {spec.key} needs a device that runs it; this machine cannot "
-            "(tuning over RPC on a device farm is not built yet)"
+            f"tuning for {spec.key} ({spec.schedule_family} schedules) is not supported yet; "
+            "CPU targets tune here or over RPC"
         )
+    if not spec.runs_locally and rpc is None:
+        raise TargetError(
+            f"tuning for {spec.key} needs a device that runs it; this machine cannot. Measure "
+            "on one through a tracker: --rpc HOST:PORT --key KEY"
+        )
+    if rpc is not None:
+        rpc.check()  # an unreachable tracker or an unknown key fails before the import
     plan = load_plan(plan)  # a bad plan file fails before the (slow) import
     start = time.time()
     say(f"[tune] importing {source if isinstance(source, str | Path) else type(source).__name__}")
@@ -240,26 +254,48 @@ def tune(
     database = open_target_database(db, spec, create=True)
     directory = target_dir(db, spec)
     report = TuneReport(imported.model_id, spec.key, str(directory), budget, 0.0)
-    report.kernels = tune_kernels(kernels, spec, database, budget, say, str(directory))
+    try:
+        report.kernels = tune_kernels(kernels, spec, database, budget, say, str(directory), rpc)
+    finally:
+        if rpc is not None:
+            _check_device_still_there(rpc, database, say, str(directory))
     report.seconds = time.time() - start
     say(report.summary())
     return report
 
 
 def tune_kernels(
-    kernels: list[Kernel], spec, database, budget: int, say=print, where: str = "the database"
+    kernels: list[Kernel],
+    spec,
+    database,
+    budget: int,
+    say=print,
+    where: str = "the database",
+    rpc=None,
 ) -> list[KernelResult]:
     """Seed each kernel's hand-written schedule into ``database`` and spend what is left of
-    ``budget`` (trials already recorded count against it) on MetaSchedule's search."""
-    builder = ms.builder.LocalBuilder(timeout_sec=120.0)
-    runner = ms.runner.LocalRunner(
-        timeout_sec=120.0,
-        evaluator_config=ms.runner.EvaluatorConfig(number=5, repeat=3, min_repeat_ms=20),
-        # Measure with the thread count the model runs with: a fresh worker's TVM pool
-        # otherwise follows its CPU affinity, which can be a single core.
-        initializer=functools.partial(set_num_threads, _threads(spec)),
-        f_alloc_argument=bsr_alloc_argument,
-    )
+    ``budget`` (trials already recorded count against it) on MetaSchedule's search; measured
+    here, or on a device of ``rpc`` (a `RpcDevice`)."""
+    evaluator = ms.runner.EvaluatorConfig(number=5, repeat=3, min_repeat_ms=20)
+    if rpc is None:
+        builder = ms.builder.LocalBuilder(timeout_sec=120.0)
+        runner = ms.runner.LocalRunner(
+            timeout_sec=120.0,
+            evaluator_config=evaluator,
+            # Measure with the thread count the model runs with: a fresh worker's TVM pool
+            # otherwise follows its CPU affinity, which can be a single core.
+            initializer=functools.partial(set_num_threads, _threads(spec)),
+            f_alloc_argument=bsr_alloc_argument,
+        )
+    else:
+        from vitsparse.targets.rpc import rpc_runner
+
+        export = None
+        if spec.cross_compiler:
+            export = functools.partial(_cross_export, cross_compiler=spec.cross_compiler)
+        builder = ms.builder.LocalBuilder(timeout_sec=120.0, f_export=export)
+        runner = rpc_runner(rpc, evaluator, f_alloc_argument=bsr_alloc_argument_rpc)
+        say(f"[tune] measuring on a {rpc.key!r} device via the tracker {rpc.tracker}")
     before = {k.name: len(_records(database, k.workload())) for k in kernels}
 
     # 1. The hand-written schedules, measured and committed once per kernel.
@@ -377,6 +413,39 @@ class _SayHandler(logging.Handler):
             self.say(f"[tune] kernel {self.task}: {count} candidates sent for measurement")
 
 
+def _cross_export(mod, cross_compiler: str) -> str:
+    """MetaSchedule builder export for a cross-compiled target (runs in a builder worker)."""
+    import os as _os
+    import tempfile as _tempfile
+
+    from tvm.support import cc
+
+    path = _os.path.join(_tempfile.mkdtemp(prefix="vitsparse-build-"), "kernel.so")
+    mod.export_library(path, fcompile=cc.cross_compiler(cross_compiler))
+    return path
+
+
+def _check_device_still_there(rpc, database, say, where: str) -> None:
+    """After a job over RPC ends or is interrupted: if the device's key is gone from the
+    tracker, say so (the records measured before are in the database; re-running resumes)."""
+    try:
+        rpc.check()
+    except TargetError as err:
+        kept = len(database)
+        say(
+            f"[tune] the device went away during the job ({err}); the {kept} records measured "
+            f"are kept in {where}: re-run the same command to resume"
+        )
+
+
+def bsr_alloc_argument_rpc(session, device, args_info, alloc_repeat: int) -> list[list]:
+    """`bsr_alloc_argument` for MetaSchedule's RPC runner (tensors on the remote device)."""
+    from tvm.s_tir.meta_schedule.runner.rpc_runner import default_alloc_argument
+
+    repeated = default_alloc_argument(session, device, args_info, alloc_repeat)
+    return _valid_bsr_indices(repeated, args_info, device)
+
+
 def bsr_alloc_argument(device, args_info, alloc_repeat: int) -> list[list]:
     """MetaSchedule runner arguments: random tensors, except that a BSR kernel's ``indices`` and
     ``indptr`` describe a valid block structure (its stored blocks spread evenly over the
@@ -384,6 +453,10 @@ def bsr_alloc_argument(device, args_info, alloc_repeat: int) -> list[list]:
     from tvm.s_tir.meta_schedule.runner.local_runner import default_alloc_argument
 
     repeated = default_alloc_argument(device, args_info, alloc_repeat)
+    return _valid_bsr_indices(repeated, args_info, device)
+
+
+def _valid_bsr_indices(repeated, args_info, device) -> list[list]:
     shapes = [(str(info[1]), [int(v) for v in info[2]]) for info in args_info]
     kinds = [(dtype.startswith("int"), len(shape)) for dtype, shape in shapes]
     if kinds[:4] != [(False, 2), (False, 3), (True, 1), (True, 1)] or len(shapes) != 6:

@@ -1,0 +1,100 @@
+"""A real RPC tracker and device server on 127.0.0.1: bench and tune measure through them, the
+outputs match PyTorch, and an unreachable tracker, an unknown key or a half-given --rpc are clear
+errors."""
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from vitsparse.cli import main
+from vitsparse.compiler import compile_model
+from vitsparse.errors import TargetError
+from vitsparse.frontend.testing import tiny_vit
+from vitsparse.report import bench
+from vitsparse.targets.rpc import (
+    RpcDevice,
+    parse_address,
+    remote_run,
+    start_server,
+    start_tracker,
+)
+
+KEY = "x86-local"
+
+
+@pytest.fixture(scope="module")
+def farm():
+    tracker = start_tracker("127.0.0.1", 9390)
+    address = f"127.0.0.1:{tracker.port}"
+    server = start_server(address, KEY, port=9490)
+    device = RpcDevice(address, KEY)
+    for _ in range(50):  # the server registers itself with the tracker
+        try:
+            device.check()
+            break
+        except TargetError:
+            time.sleep(0.2)
+    yield device
+    server.terminate()
+    tracker.terminate()
+
+
+def test_remote_run_matches_pytorch(farm):
+    model = tiny_vit(depth=1)
+    compiled = compile_model(model, target="x86")
+    x = np.random.default_rng(0).standard_normal(compiled.input_shape, dtype=np.float32)
+    result = remote_run(compiled, x, farm, repeat=3, number=2, warmup=1)
+    with torch.no_grad():
+        expect = model(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(result.output, expect, rtol=0, atol=1e-4)
+    assert len(result.seconds) == 3 and all(s > 0 for s in result.seconds)
+    assert result.device == f"rpc:{KEY}"
+
+
+def test_bench_measures_tvm_rows_on_the_device(farm):
+    report = bench(
+        tiny_vit(depth=1),
+        include=("torch-eager", "tvm-dense"),
+        repeat=2,
+        number=1,
+        rpc=farm,
+        progress=None,
+    )
+    row = report.row("tvm-dense")
+    assert row.status == "ok" and row.device == f"rpc:{KEY}"
+    assert row.max_abs_err_vs_torch < 1e-4
+    assert f"via the tracker {farm.tracker}" in row.detail
+    assert report.row("torch-eager").device == "cpu"
+
+
+def test_tune_over_rpc_keeps_its_records(farm, tmp_path, capsys):
+    db = tmp_path / "db"
+    code = main(
+        ["tune", "vitsparse/digits_vit", "--db", str(db), "--trials", "2"]
+        + ["--rpc", farm.tracker, "--key", KEY]
+    )
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert f"measuring on a '{KEY}' device via the tracker {farm.tracker}" in captured.err
+    records = list(db.glob("*/database_tuning_record.json"))
+    assert records and records[0].read_text().count("\n") >= 5  # one line per measured record
+
+
+def test_errors(farm, tmp_path, capsys):
+    with pytest.raises(TargetError, match="cannot reach the RPC tracker at 127.0.0.1:1"):
+        RpcDevice("127.0.0.1:1", KEY).check()
+    with pytest.raises(TargetError, match=r"no device is registered under key 'pi4'.*x86-local"):
+        RpcDevice(farm.tracker, "pi4").check()
+    with pytest.raises(TargetError, match="is not HOST:PORT"):
+        parse_address("localhost")
+    code = main(["bench", "vitsparse/digits_vit", "--rpc", farm.tracker, "-o", "x"][:4])
+    assert code == 2 and "--rpc HOST:PORT and --key KEY go together" in capsys.readouterr().err
+    out = tmp_path / "b.json"
+    code = main(
+        ["bench", "vitsparse/digits_vit", "--rpc", "127.0.0.1:1", "--key", KEY]
+        + ["--json", str(out)]
+    )
+    assert code == 2 and "cannot reach the RPC tracker" in capsys.readouterr().err
+    assert not out.exists()

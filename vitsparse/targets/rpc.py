@@ -1,0 +1,177 @@
+"""Devices reached through a TVM RPC tracker, the way TVM users run a device farm.
+
+One tracker, many boards: each board runs an RPC server registered with the tracker under a key
+(``"arm-qemu"``, ``"jetson-orin"``, ...). vitsparse builds locally and measures on a free board of
+the key: `remote_run` uploads a compiled model and times it with ``time_evaluator``, and tuning
+uses MetaSchedule's RPC runner (`rpc_runner`).
+
+`start_tracker` and `start_server` start a local tracker and servers for testing
+(``vitsparse rpc tracker``, ``vitsparse rpc server --key K``), bound to 127.0.0.1 by default.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from vitsparse.errors import TargetError
+
+DEFAULT_TRACKER_PORT = 9190
+DEFAULT_SERVER_PORT = 9090
+_ADDRESS = re.compile(r"\s*([A-Za-z0-9_.\-]+|\[[0-9a-fA-F:]+\])\s*:\s*(\d{1,5})\s*")
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """``"HOST:PORT"`` -> (host, port); TargetError for anything else."""
+    match = _ADDRESS.fullmatch(text) if isinstance(text, str) else None
+    port = int(match.group(2)) if match else 0
+    if not match or not 0 < port < 65536:
+        raise TargetError(f"RPC address {text!r} is not HOST:PORT (e.g. 127.0.0.1:9190)")
+    return match.group(1).strip("[]"), port
+
+
+@dataclass(frozen=True)
+class RpcDevice:
+    """A device kind behind a tracker: ``tracker`` ``"HOST:PORT"`` and the device ``key``."""
+
+    tracker: str
+    key: str
+    session_timeout: float = 600.0
+    connect_timeout: float = 5.0
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return parse_address(self.tracker)
+
+    def check(self) -> dict:
+        """The tracker's summary, after checking that it answers and has a server under ``key``;
+        TargetError names what is missing."""
+        from tvm import rpc
+
+        host, port = self.address
+        try:  # a fast probe: TVM's own client retries for a minute before giving up
+            socket.create_connection((host, port), timeout=self.connect_timeout).close()
+        except OSError as err:
+            raise TargetError(
+                f"cannot reach the RPC tracker at {host}:{port} ({err.strerror or err}); start "
+                "one with `vitsparse rpc tracker` or check --rpc"
+            ) from None
+        try:
+            summary = rpc.connect_tracker(host, port).summary()
+        except (RuntimeError, OSError) as err:
+            raise TargetError(f"the RPC tracker at {host}:{port} does not answer: {err}") from None
+        queues = summary.get("queue_info", {})
+        if self.key not in queues:
+            known = ", ".join(sorted(queues)) or "none"
+            raise TargetError(
+                f"no device is registered under key {self.key!r} at the tracker {host}:{port} "
+                f"(keys there: {known}); start one with `vitsparse rpc server --key {self.key}`"
+            )
+        return summary
+
+    def connect(self):
+        """An RPC session on a free device of ``key`` (waits for one while all are busy)."""
+        from tvm import rpc
+
+        self.check()
+        host, port = self.address
+        try:
+            return rpc.connect_tracker(host, port).request(
+                self.key, priority=1, session_timeout=self.session_timeout
+            )
+        except (RuntimeError, OSError) as err:
+            raise TargetError(f"device {self.key!r} via {host}:{port}: {err}") from None
+
+
+@dataclass(frozen=True)
+class RemoteRun:
+    """One model measured on a remote device: its output and latency samples (seconds)."""
+
+    output: np.ndarray
+    seconds: list[float]
+    device: str
+
+
+def remote_run(compiled, x: np.ndarray, device: RpcDevice, *, repeat=10, number=5, warmup=3):
+    """Upload ``compiled`` (a `CompiledModel`) to a device of ``device.key``, run ``x`` once
+    and time it with ``time_evaluator``. TargetError if the device cannot be reached or
+    disappears."""
+    from vitsparse._tvm import relax, tvm
+    from vitsparse.compiler import _first_output
+    from vitsparse.targets.export import export_library
+
+    session = device.connect()
+    spec = compiled.spec
+    try:
+        with tempfile.TemporaryDirectory(prefix="vitsparse-rpc-") as tmp:
+            lib = Path(tmp) / "model.so"
+            export_library(compiled.executable, lib, spec)
+            session.upload(str(lib))
+        dev = session.device(spec.device_type, 0)
+        vm = relax.VirtualMachine(session.load_module("model.so"), dev)
+        arg = tvm.runtime.tensor(np.ascontiguousarray(x, dtype=np.float32), dev)
+        out = vm["main"](arg)
+        out = _first_output(out).numpy()
+        for _ in range(warmup):
+            vm["main"](arg)
+        timer = vm.time_evaluator("main", dev, number=number, repeat=repeat)
+        seconds = [float(v) for v in timer(arg).results]
+    except Exception as err:  # noqa: BLE001 - a lost device surfaces as any FFI error
+        raise TargetError(f"device {device.key!r} via {device.tracker} failed: {err}") from None
+    return RemoteRun(out, seconds, f"rpc:{device.key}")
+
+
+def rpc_runner(device: RpcDevice, evaluator_config, f_alloc_argument=None):
+    """MetaSchedule's RPC runner for ``device`` (measurements on a board, builds stay local)."""
+    import tvm.s_tir.meta_schedule as ms
+
+    device.check()
+    host, port = device.address
+    config = ms.runner.RPCConfig(
+        tracker_host=host,
+        tracker_port=port,
+        tracker_key=device.key,
+        session_timeout_sec=int(device.session_timeout),
+    )
+    return ms.runner.RPCRunner(
+        rpc_config=config,
+        evaluator_config=evaluator_config,
+        f_alloc_argument=f_alloc_argument,
+        max_workers=1,
+    )
+
+
+def start_tracker(host: str = "127.0.0.1", port: int = DEFAULT_TRACKER_PORT):
+    """A TVM RPC tracker on ``host`` (the first free port from ``port``); ``.port`` says which,
+    ``.terminate()`` stops it."""
+    from tvm.rpc.tracker import Tracker
+
+    return Tracker(host=host, port=port, port_end=port + 100, silent=True)
+
+
+def start_server(
+    tracker: str,
+    key: str,
+    *,
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_SERVER_PORT,
+):
+    """An RPC server on ``host`` registered with ``tracker`` (``"HOST:PORT"``) under ``key``;
+    ``.terminate()`` stops it."""
+    from tvm.rpc.server import Server
+
+    if not key or not re.fullmatch(r"[A-Za-z0-9_.\-]+", key):
+        raise TargetError(f"device key {key!r} must be letters, digits, '.', '_' or '-'")
+    return Server(
+        host=host,
+        port=port,
+        port_end=port + 100,
+        tracker_addr=parse_address(tracker),
+        key=key,
+        silent=True,
+    )
