@@ -66,8 +66,8 @@ class RpcDevice:
         except (RuntimeError, OSError) as err:
             raise TargetError(f"the RPC tracker at {host}:{port} does not answer: {err}") from None
         queues = summary.get("queue_info", {})
-        if self.key not in queues:
-            known = ", ".join(sorted(queues)) or "none"
+        if self.key not in queues or not registered(summary, self.key):
+            known = ", ".join(sorted(k for k in queues if registered(summary, k))) or "none"
             raise TargetError(
                 f"no device is registered under key {self.key!r} at the tracker {host}:{port} "
                 f"(keys there: {known}); start one with `vitsparse rpc server --key {self.key}`"
@@ -141,9 +141,30 @@ def rpc_runner(device: RpcDevice, evaluator_config, f_alloc_argument=None):
     return ms.runner.RPCRunner(
         rpc_config=config,
         evaluator_config=evaluator_config,
+        f_create_session=create_session_if_present,
         f_alloc_argument=f_alloc_argument,
         max_workers=1,
     )
+
+
+def registered(summary: dict, key: str) -> int:
+    """How many servers a tracker ``summary`` lists under ``key``."""
+    return sum(1 for s in summary.get("server_info", []) if s.get("key") == f"server:{key}")
+
+
+def create_session_if_present(rpc_config):
+    """MetaSchedule's session factory, failing at once when no server of the key is registered
+    any more (TVM's own request would wait for one to come back): a device that disappears
+    mid-job turns the remaining measurements into errors instead of a hang."""
+    from tvm import rpc
+
+    tracker = rpc.connect_tracker(rpc_config.tracker_host, rpc_config.tracker_port)
+    if not registered(tracker.summary(), rpc_config.tracker_key):
+        raise RuntimeError(
+            f"no device registered under key {rpc_config.tracker_key!r} any more at "
+            f"{rpc_config.tracker_host}:{rpc_config.tracker_port}"
+        )
+    return rpc_config.connect_server()
 
 
 def start_tracker(host: str = "127.0.0.1", port: int = DEFAULT_TRACKER_PORT):
