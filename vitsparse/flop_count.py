@@ -43,8 +43,11 @@ class FlopsReport:
         return self.macs / other.macs
 
 
-def flops(source, plan: PruningPlan | str | None = None, *, batch: int = 1) -> FlopsReport:
-    """MACs/FLOPs of ``source`` pruned by ``plan``.
+def flops(
+    source, plan: PruningPlan | Structure | str | None = None, *, batch: int = 1
+) -> FlopsReport:
+    """MACs/FLOPs of ``source`` pruned by ``plan`` (a PruningPlan, its JSON file, or a bare
+    `Structure`).
 
     ``source`` is a timm model name or an ``nn.Module`` (analytic count from its geometry and
     the plan), or a Relax ``IRModule`` (the MACs of the matmuls and convolutions its ``main``
@@ -79,7 +82,7 @@ def flops(source, plan: PruningPlan | str | None = None, *, batch: int = 1) -> F
     return FlopsReport(model_id, batch, {k: v * batch for k, v in parts.items()})
 
 
-def params(source, plan: PruningPlan | str | None = None) -> int:
+def params(source, plan: PruningPlan | Structure | str | None = None) -> int:
     """Weights of ``source`` pruned by ``plan``: the patch projection, every linear layer of the
     blocks (a block-masked layer counts its kept blocks) and the classifier. Biases, norms,
     tokens and position embeddings are not counted (well under 1% of a ViT)."""
@@ -109,11 +112,14 @@ def _resolve(source, plan):
         if isinstance(source, torch.nn.Module)
         else load_torch_model(source)
     )
-    plan = load_plan(plan)
     geo = geometry_of(model)
-    structure = plan.structure if plan is not None and plan.structure is not None else Structure()
+    if isinstance(plan, Structure):  # a bare structure: what criteria try while they search
+        structure, density = plan, {}
+    else:
+        plan = load_plan(plan)
+        structure = Structure() if plan is None or plan.structure is None else plan.structure
+        density = {} if plan is None else {name: m.density for name, m in plan.layers.items()}
     check_against(structure, geo, model_id)  # counts only mean something for a plan that fits
-    density = {} if plan is None else {name: m.density for name, m in plan.layers.items()}
     return model, model_id, geo, structure, density
 
 

@@ -58,7 +58,8 @@ class Budget:
         return {self.metric: self.fraction}
 
     def measure(self, model, plan=None) -> float:
-        """The budget's metric of ``model`` pruned by ``plan`` (MACs or weights)."""
+        """The budget's metric of ``model`` pruned by ``plan`` (a PruningPlan or a bare
+        `Structure`): MACs or weights."""
         from vitsparse.flop_count import flops, params
 
         if self.metric == "flops":
@@ -95,9 +96,5 @@ class FlopsCost:
 
     def model_cost(self, model, structure) -> float:
         from vitsparse.flop_count import flops
-        from vitsparse.plan import PruningPlan
 
-        plan = PruningPlan(
-            model_id="cost", weights_hash="sha256:" + "0" * 64, method="cost", structure=structure
-        )
-        return float(flops(model, plan).macs)
+        return float(flops(model, structure).macs)

@@ -140,7 +140,7 @@ def cpvit_plan(
     weights = stats.weights
     head_order = [np.argsort(-h, kind="stable") for h in stats.heads]
 
-    def plan_at(scale: float) -> PruningPlan:
+    def structure_at(scale: float) -> Structure:
         blocks = {}
         tokens_before, heads_before = geo.num_patches, None
         for i in range(geo.depth):
@@ -158,12 +158,11 @@ def cpvit_plan(
             if parts:
                 blocks[i] = BlockStructure(**parts)
             tokens_before, heads_before = tokens, count
-        structure = Structure(blocks=blocks)
-        return compose_plan(model, model_id=model_id, method="cpvit", structure=structure)
+        return Structure(blocks=blocks)
 
     dense = budget.measure(model)
     lo, hi = 0.0, 1.0
-    while not budget.fits(model, plan_at(hi), dense):
+    while not budget.fits(model, structure_at(hi), dense):
         if hi > 1e6:
             raise PlanError(
                 f"budget flops={budget.fraction} is below what cpvit reaches (tokens down to "
@@ -172,11 +171,11 @@ def cpvit_plan(
         lo, hi = hi, hi * 2
     for _ in range(40):
         mid = (lo + hi) / 2
-        if budget.fits(model, plan_at(mid), dense):
+        if budget.fits(model, structure_at(mid), dense):
             hi = mid
         else:
             lo = mid
-    plan = plan_at(hi)
+    plan = compose_plan(model, model_id=model_id, method="cpvit", structure=structure_at(hi))
     layer = [round(float(w), 4) for w in weights]
     return dataclasses.replace(
         plan,

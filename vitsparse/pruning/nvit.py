@@ -205,13 +205,10 @@ def nvit_plan(
     kept = _Kept({key: list(range(n)) for key, n in sizes.items()}, sizes)
     dense = budget.measure(model)
 
-    def plan_of(state: _Kept) -> PruningPlan:
-        return compose_plan(model, model_id=model_id, method="nvit", structure=state.structure())
-
     bar = ProgressBar(f"[nvit] {steps} steps to {budget.metric}={budget.fraction}", steps, progress)
     for step in range(1, steps + 1):
         target = dense * (1 - (1 - budget.fraction) * step / steps)
-        if budget.measure(model, plan_of(kept)) <= target * (1 + 1e-9):
+        if budget.measure(model, kept.structure()) <= target * (1 + 1e-9):
             bar.advance()
             continue
         grads = unit_gradients(model, kept.structure(), calibration, labels, batch=batch)
@@ -229,11 +226,11 @@ def nvit_plan(
             trial = kept
             for k, gone in removed.items():
                 trial = trial.without(k, gone)
-            if budget.measure(model, plan_of(trial)) <= target * (1 + 1e-9):
+            if budget.measure(model, trial.structure()) <= target * (1 + 1e-9):
                 break
         kept = trial
         bar.advance()
-    plan = plan_of(kept)
+    plan = compose_plan(model, model_id=model_id, method="nvit", structure=kept.structure())
     if not budget.fits(model, plan, dense):
         raise PlanError(
             f"budget {budget.metric}={budget.fraction} is below what nvit reaches at its floors "

@@ -120,7 +120,7 @@ def uniform_plan(
 
     dense = budget.measure(model)
 
-    def plan_at(fraction):
+    def structure_at(fraction):
         blocks = {
             i: BlockStructure(
                 heads=IndexSet(h.size, _keep(h, fraction)),
@@ -129,21 +129,16 @@ def uniform_plan(
             for i, (h, m) in enumerate(zip(scores["heads"], scores["mlp"], strict=True))
         }
         kept_embed = scores["embed"]
-        structure = Structure(
+        return Structure(
             embed=IndexSet(kept_embed.size, _keep(kept_embed, fraction)) if embed else None,
             blocks=blocks,
-        )
-        plan = compose_plan(model, model_id=model_id, method=method, structure=structure)
-        return dataclasses.replace(
-            plan, budget={**budget.to_json(), "uniform_keep": round(fraction, 6), **plan.budget}
         )
 
     lo, hi, best = 0.0, 1.0, None  # kept fraction: the largest whose cost fits
     for _ in range(30):
         mid = (lo + hi) / 2
-        plan = plan_at(mid)
-        if budget.fits(model, plan, dense):
-            best, lo = plan, mid
+        if budget.fits(model, structure_at(mid), dense):
+            best, lo = mid, mid
         else:
             hi = mid
     if best is None:
@@ -151,7 +146,10 @@ def uniform_plan(
             f"budget {budget.metric}={budget.fraction} is below what {method}'s uniform "
             "structures reach (one head, one neuron and one channel everywhere)"
         )
-    return best
+    plan = compose_plan(model, model_id=model_id, method=method, structure=structure_at(best))
+    return dataclasses.replace(
+        plan, budget={**budget.to_json(), "uniform_keep": round(best, 6), **plan.budget}
+    )
 
 
 def structure_plan(
