@@ -5,9 +5,10 @@ STAMP := .install.stamp
 
 .PHONY: install demo test lint bench-dense clean
 
-$(STAMP): pyproject.toml scripts/install_system_deps.sh
+$(STAMP): pyproject.toml scripts/install_system_deps.sh scripts/setup_arm_qemu.sh
 	bash scripts/install_system_deps.sh
 	$(PIP) install --quiet --disable-pip-version-check -e ".[test,plot]"
+	PYTHON=$(PYTHON) bash scripts/setup_arm_qemu.sh
 	touch $(STAMP)
 
 install: $(STAMP)

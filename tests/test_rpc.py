@@ -50,7 +50,7 @@ def test_remote_run_matches_pytorch(farm):
         expect = model(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(result.output, expect, rtol=0, atol=1e-4)
     assert len(result.seconds) == 3 and all(s > 0 for s in result.seconds)
-    assert result.device == f"rpc:{KEY}"
+    assert result.device == f"rpc:{KEY}" and result.emulated is None  # a real device
 
 
 def test_bench_measures_tvm_rows_on_the_device(farm):
@@ -98,3 +98,17 @@ def test_errors(farm, tmp_path, capsys):
     )
     assert code == 2 and "cannot reach the RPC tracker" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_profile_over_rpc(farm, tmp_path, monkeypatch):
+    from test_profile import TINY
+
+    from vitsparse.targets.profile import GRIDS, profile
+
+    monkeypatch.setitem(GRIDS, "small", TINY)
+    out = tmp_path / "cost.json"
+    table = profile("x86", out, grid="small", rpc=farm, progress=None)
+    assert table.complete and table.device == f"rpc:{KEY}" and table.emulated is None
+    assert table.meter == "unavailable: no meter is read over RPC"
+    assert all(r["ms"] > 0 and r["energy_j"] is None for r in table.kernels + table.blocks)
+    assert table.held_out_error()["kernels"]["points"] == 2

@@ -94,6 +94,28 @@ def build_parser() -> argparse.ArgumentParser:
     _rpc_args(p, "build here, measure every candidate on a device of KEY")
     p.set_defaults(run=_tune)
 
+    p = commands.add_parser(
+        "profile", help="measure a target's cost table (kernels and blocks over grids)"
+    )
+    _target_args(p)
+    p.add_argument("-o", "--output", metavar="COST.json", required=True, help="the cost table")
+    p.add_argument(
+        "--grid",
+        default="default",
+        choices=("default", "small"),
+        help="default: DeiT-Tiny/Small shapes (a few hundred points); small: a quick try",
+    )
+    p.add_argument(
+        "--energy-seconds",
+        type=float,
+        default=1.0,
+        metavar="S",
+        help="where the device has a power meter, energy per run over a window of S seconds "
+        "per point (default 1; 0 skips)",
+    )
+    _rpc_args(p, "build here, measure every point on a device of KEY")
+    p.set_defaults(run=_profile)
+
     p = commands.add_parser("rpc", help="a local RPC tracker or device server, for testing")
     rpc_commands = p.add_subparsers(dest="rpc_command", required=True, metavar="WHAT")
     q = rpc_commands.add_parser("tracker", help="run an RPC tracker until interrupted")
@@ -104,9 +126,17 @@ def build_parser() -> argparse.ArgumentParser:
         "server", help="run an RPC server for this machine, registered under a key"
     )
     q.add_argument("--tracker", required=True, metavar="HOST:PORT", help="the tracker")
-    q.add_argument("--key", required=True, metavar="KEY", help="device key, e.g. arm-qemu")
+    q.add_argument(
+        "--key", metavar="KEY", help="device key, e.g. jetson-orin (required; --qemu: arm-qemu)"
+    )
     q.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     q.add_argument("--port", type=_positive_int, default=9090, help="first port to try")
+    q.add_argument(
+        "--qemu",
+        action="store_true",
+        help="serve an emulated aarch64 device under qemu-user instead of this machine "
+        "(scripts/setup_arm_qemu.sh builds it); its latencies are reported as emulated",
+    )
     q.set_defaults(run=_rpc_server)
 
     p = commands.add_parser(
@@ -302,6 +332,21 @@ def _tune(args: argparse.Namespace) -> None:
     print(report.summary())
 
 
+def _profile(args: argparse.Namespace) -> None:
+    from vitsparse.targets.profile import profile
+
+    table = profile(
+        args.target,
+        args.output,
+        grid=args.grid,
+        rpc=_rpc_device(args),
+        cuda_arch=args.cuda_arch,
+        energy_seconds=args.energy_seconds,
+        progress=_say,
+    )
+    print(f"cost table of {table.target['key']} on {table.device} -> {args.output}")
+
+
 def _rpc_args(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--rpc", metavar="HOST:PORT", help=f"RPC tracker: {what}")
     p.add_argument("--key", metavar="KEY", help="device key at the tracker (with --rpc)")
@@ -330,9 +375,21 @@ def _rpc_server(args: argparse.Namespace) -> None:
     from vitsparse.targets.rpc import parse_address, start_server
 
     parse_address(args.tracker)
-    server = start_server(args.tracker, args.key, host=args.host, port=args.port)
+    if args.qemu:
+        from vitsparse.targets.qemu import ARM_QEMU_KEY, start_arm_server
+
+        key = args.key or ARM_QEMU_KEY
+        print(f"[rpc] starting the emulated aarch64 device (qemu-user) as {key!r} ...", flush=True)
+        server = start_arm_server(args.tracker, key, host=args.host, port=args.port)
+        what = "emulated aarch64 (qemu-user)"
+    else:
+        if args.key is None:
+            raise TargetError("rpc server needs --key KEY (the name clients ask the tracker for)")
+        key = args.key
+        server = start_server(args.tracker, key, host=args.host, port=args.port)
+        what = "this machine"
     print(
-        f"server    {args.host}:{server.port}, key {args.key}, tracker {args.tracker} "
+        f"server    {args.host}:{server.port}, key {key}, {what}, tracker {args.tracker} "
         "(Ctrl-C stops it)",
         flush=True,
     )

@@ -442,6 +442,8 @@ def _run_tvm_remote(session: _Session, runtime: str, compiled, detail: str, *, p
     )
     stats = _stats([s * 1e3 for s in result.seconds])
     detail += f"; measured on {result.device} via the tracker {device.tracker}"
+    if result.emulated:
+        detail += f" ({result.emulated}: emulated latency, not the hardware's)"
     row = session.ok_row(runtime, result.output, stats, detail=detail, pruned=pruned)
     return dataclasses.replace(row, device=result.device)
 

@@ -109,14 +109,16 @@ class BenchReport:
     def speedup(self) -> dict[str, float]:
         """``"<tvm row> vs <baseline>"`` -> baseline median / TVM median (above 1: TVM is
         faster), for every pair of rows that both ran: each dense TVM row vs each dense non-TVM
-        baseline, then tvm-pruned vs tvm-dense and vs torch-eager."""
+        baseline, then tvm-pruned vs tvm-dense and vs torch-eager. Rows measured on different
+        devices (over RPC) are not compared."""
         ran = {r.runtime: r.median_ms for r in self.rows if r.ran and r.median_ms}
+        device = {r.runtime: r.device for r in self.rows}
         dense = [name for name in ran if name not in PRUNED_RUNTIMES]
         pairs = [
             (t, b) for t in dense if t.startswith("tvm-") for b in dense if not b.startswith("tvm-")
         ]
         pairs += [(t, b) for t, b in _PRUNED_SPEEDUPS if t in ran and b in ran]
-        return {f"{t} vs {b}": ran[b] / ran[t] for t, b in pairs}
+        return {f"{t} vs {b}": ran[b] / ran[t] for t, b in pairs if device[t] == device[b]}
 
     def to_json(self) -> dict:
         return {
@@ -209,7 +211,10 @@ class BenchReport:
         cells = []
         for r in self.rows:
             lat = r.latency_ms
-            speed = f"{ref_ms / r.median_ms:.2f}x" if r.ran and ref_ms and r.median_ms else "-"
+            same = ref is not None and r.device == ref.device
+            speed = (
+                f"{ref_ms / r.median_ms:.2f}x" if same and r.ran and ref_ms and r.median_ms else "-"
+            )
             err = "-" if r.max_abs_err_vs_torch is None else f"{r.max_abs_err_vs_torch:.1e}"
             cells.append(
                 [
@@ -244,6 +249,16 @@ class BenchReport:
             notes.append(
                 f"{', '.join(pruned)}: errors are measured against {TORCH_PRUNED}'s output (the "
                 f"same pruned weights), not {self.reference}'s"
+            )
+        devices = sorted({r.device for r in self.rows if r.ran})
+        if len(devices) > 1:
+            notes.append(
+                f"rows ran on {', '.join(devices)}: speedups compare rows of one device only"
+            )
+        emulated = [d for d in devices if d.endswith("(emulated)")]
+        if emulated:
+            notes.append(
+                f"{', '.join(emulated)}: latency under emulation, not an ARM hardware number"
             )
         notes += [f"energy on {d}: {m}" for d, m in self.meters.items()]
         notes += [f"{r.runtime}: {r.detail}" for r in self.rows if r.detail]

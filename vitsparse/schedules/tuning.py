@@ -33,6 +33,7 @@ from vitsparse.plan import load_plan
 from vitsparse.schedules import bsr, cpu_rules, dense
 from vitsparse.schedules.database import open_target_database, target_dir
 from vitsparse.targets import resolve_target
+from vitsparse.targets.presets import with_cores
 
 DEFAULT_TRIALS_PER_KERNEL = 12
 TRIALS_PER_ROUND = 8
@@ -163,22 +164,30 @@ def _hand_schedule(kernel: Kernel, target):
     return None
 
 
-def _measure(schedules, target, builder, runner) -> list[list[float] | None]:
+def _measure(schedules, target, builder, runner) -> list[list[float] | str]:
+    """Per schedule: its run times (seconds), or the last line of its build or run error."""
     inputs = [ms.builder.BuilderInput(s.mod, target) for s in schedules]
     built = builder.build(inputs)
     runner_inputs, index = [], []
+    out: list[list[float] | str] = [_last_line(r.error_msg) if r.error_msg else "" for r in built]
     for i, (res, sch) in enumerate(zip(built, schedules, strict=True)):
         if res.error_msg:
             continue
         args = ms.arg_info.ArgInfo.from_prim_func(sch.mod["main"])
         runner_inputs.append(ms.runner.RunnerInput(res.artifact_path, "cpu", args))
         index.append(i)
-    out: list[list[float] | None] = [None] * len(schedules)
     for i, future in zip(index, runner.run(runner_inputs), strict=True):
         result = future.result()
-        if not result.error_msg:
+        if result.error_msg:
+            out[i] = _last_line(result.error_msg)
+        else:
             out[i] = [float(v) for v in result.run_secs]
     return out
+
+
+def _last_line(message: str) -> str:
+    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+    return lines[-1][:300] if lines else "unknown error"
 
 
 def _records(database, workload_mod) -> list:
@@ -223,18 +232,16 @@ def tune(
     """
     say = progress or (lambda _msg: None)
     spec = resolve_target(target, cuda_arch=cuda_arch)
-    if spec.schedule_family != "cpu":
-        raise TargetError(
-            f"tuning for {spec.key} ({spec.schedule_family} schedules) is not supported yet; "
-            "CPU targets tune here or over RPC"
-        )
-    if not spec.runs_locally and rpc is None:
-        raise TargetError(
-            f"tuning for {spec.key} needs a device that runs it; this machine cannot. Measure "
-            "on one through a tracker: --rpc HOST:PORT --key KEY"
-        )
+    from vitsparse.targets.rpc import check_measurable
+
+    check_measurable(spec, rpc, "tuning")
     if rpc is not None:
         rpc.check()  # an unreachable tracker or an unknown key fails before the import
+        if "num-cores" not in spec.target.attrs:  # MetaSchedule needs it; ask the device
+            from vitsparse.targets.rpc import device_threads
+
+            spec = with_cores(spec, device_threads(rpc))
+            say(f"[tune] the {rpc.key!r} device runs {_threads(spec)} threads (target num-cores)")
     plan = load_plan(plan)  # a bad plan file fails before the (slow) import
     start = time.time()
     say(f"[tune] importing {source if isinstance(source, str | Path) else type(source).__name__}")
@@ -306,8 +313,8 @@ def tune_kernels(
         pairs = [(k, s) for k, s in zip(seeds, schedules, strict=True) if s is not None]
         measured = _measure([s for _, s in pairs], spec.target, builder, runner)
         for (kernel, sch), secs in zip(pairs, measured, strict=True):
-            if secs is None:
-                say(f"[tune]   {kernel.name}: hand schedule failed to build/run; skipped")
+            if isinstance(secs, str):
+                say(f"[tune]   {kernel.name}: hand schedule failed to build/run ({secs}); skipped")
                 continue
             workload = database.commit_workload(kernel.workload())
             database.commit_tuning_record(

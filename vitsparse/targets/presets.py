@@ -9,6 +9,7 @@ machine can run the result) is derived the same way for presets and for raw targ
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import hashlib
 import json
@@ -354,6 +355,14 @@ def _spec_from_target(name: str, target: Target, key: str, host: HostInfo | None
         key=_safe_key(key),
         device_compiler=kind.device_compiler,
     )
+
+
+def with_cores(spec: TargetSpec, cores: int) -> TargetSpec:
+    """``spec`` with its target's ``num-cores`` set (MetaSchedule needs it to tune a CPU target;
+    the ``arm`` preset leaves it to the board)."""
+    config = json.loads(str(spec.target))
+    config["num-cores"] = int(cores)
+    return dataclasses.replace(spec, target=_make_target(config))
 
 
 def _make_target(config: Mapping[str, Any] | str, host: Mapping[str, Any] | None = None) -> Target:

@@ -88,13 +88,37 @@ class RpcDevice:
             raise TargetError(f"device {self.key!r} via {host}:{port}: {err}") from None
 
 
+def device_threads(device: RpcDevice) -> int:
+    """The size of TVM's thread pool on a device of ``device.key`` (its cores, by default)."""
+    session = device.connect()
+    try:
+        return int(session.get_function("runtime.NumThreads")())
+    except Exception as err:  # noqa: BLE001 - a lost device surfaces as any FFI error
+        raise TargetError(f"device {device.key!r} via {device.tracker} failed: {err}") from None
+
+
 @dataclass(frozen=True)
 class RemoteRun:
-    """One model measured on a remote device: its output and latency samples (seconds)."""
+    """One model measured on a remote device: its output and latency samples (seconds);
+    ``emulated`` is the device's own description when it is an emulator (`emulation`), else
+    None."""
 
     output: np.ndarray
     seconds: list[float]
     device: str
+    emulated: str | None = None
+
+
+def emulation(session) -> str | None:
+    """What an RPC ``session``'s device says it emulates (the qemu device of
+    `vitsparse.targets.qemu` does), or None for a real device."""
+    from vitsparse.targets.qemu import EMULATION_FUNC
+
+    try:
+        describe = session.get_function(EMULATION_FUNC)
+    except Exception:  # noqa: BLE001 - TVM raises a generic error for an unknown function
+        return None
+    return str(describe())
 
 
 def remote_run(compiled, x: np.ndarray, device: RpcDevice, *, repeat=10, number=5, warmup=3):
@@ -121,9 +145,11 @@ def remote_run(compiled, x: np.ndarray, device: RpcDevice, *, repeat=10, number=
             vm["main"](arg)
         timer = vm.time_evaluator("main", dev, number=number, repeat=repeat)
         seconds = [float(v) for v in timer(arg).results]
+        emulated = emulation(session)
     except Exception as err:  # noqa: BLE001 - a lost device surfaces as any FFI error
         raise TargetError(f"device {device.key!r} via {device.tracker} failed: {err}") from None
-    return RemoteRun(out, seconds, f"rpc:{device.key}")
+    name = f"rpc:{device.key}" + (" (emulated)" if emulated else "")
+    return RemoteRun(out, seconds, name, emulated)
 
 
 def rpc_runner(device: RpcDevice, evaluator_config, f_alloc_argument=None):
@@ -175,6 +201,28 @@ def start_tracker(host: str = "127.0.0.1", port: int = DEFAULT_TRACKER_PORT):
     return Tracker(host=host, port=port, port_end=port + 100, silent=True)
 
 
+def check_measurable(spec, rpc, job: str) -> None:
+    """TargetError unless ``job`` ("tuning", "profiling") can measure ``spec`` (a TargetSpec)
+    here or on ``rpc``'s device: CPU schedules only, and a target this machine cannot run
+    needs a device behind a tracker."""
+    if spec.schedule_family != "cpu":
+        raise TargetError(
+            f"{job} {spec.key} ({spec.schedule_family} schedules) is not supported yet; "
+            "CPU targets (x86, arm) are measured here or over RPC"
+        )
+    if not spec.runs_locally and rpc is None:
+        raise TargetError(
+            f"{job} {spec.key} needs a device that runs it; this machine cannot. Measure on one "
+            "through a tracker: --rpc HOST:PORT --key KEY"
+        )
+
+
+def check_key(key: str) -> None:
+    """TargetError unless ``key`` can name a device at a tracker."""
+    if not key or not re.fullmatch(r"[A-Za-z0-9_.\-]+", key):
+        raise TargetError(f"device key {key!r} must be letters, digits, '.', '_' or '-'")
+
+
 def start_server(
     tracker: str,
     key: str,
@@ -186,8 +234,7 @@ def start_server(
     ``.terminate()`` stops it."""
     from tvm.rpc.server import Server
 
-    if not key or not re.fullmatch(r"[A-Za-z0-9_.\-]+", key):
-        raise TargetError(f"device key {key!r} must be letters, digits, '.', '_' or '-'")
+    check_key(key)
     return Server(
         host=host,
         port=port,

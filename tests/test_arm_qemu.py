@@ -1,0 +1,119 @@
+"""The emulated ARM device: an aarch64 TVM runtime under qemu-user, registered with a real tracker
+on 127.0.0.1 as "arm-qemu". deit_tiny compiled for aarch64+NEON, dense and block-sparse, runs
+there through RPC and matches PyTorch; its latency is reported as emulated.
+
+Skipped, with the reason, where scripts/setup_arm_qemu.sh could not build the device (`make
+install` runs it)."""
+
+import numpy as np
+import pytest
+import torch
+
+from vitsparse.cli import main
+from vitsparse.compiler import compile_model
+from vitsparse.errors import TargetError
+from vitsparse.frontend import load_torch_model
+from vitsparse.frontend.testing import tiny_vit
+from vitsparse.plan import apply_plan_to_torch
+from vitsparse.pruning.block_mask import block_mask_plan
+from vitsparse.report import bench
+from vitsparse.targets.qemu import ARM_QEMU_KEY, arm_python, start_arm_server
+from vitsparse.targets.rpc import RpcDevice, remote_run, start_tracker
+
+
+@pytest.fixture(scope="module")
+def arm_device():
+    try:
+        arm_python()
+    except TargetError as err:
+        pytest.skip(str(err))
+    tracker = start_tracker("127.0.0.1", 9392)
+    address = f"127.0.0.1:{tracker.port}"
+    try:
+        server = start_arm_server(address, port=9492)
+    except TargetError:
+        tracker.terminate()
+        raise
+    yield RpcDevice(address, ARM_QEMU_KEY)
+    server.terminate()
+    tracker.terminate()
+
+
+@pytest.fixture(scope="module")
+def deit():
+    return load_torch_model("deit_tiny_patch16_224")
+
+
+@pytest.mark.parametrize("pruned", [False, True], ids=["dense", "bsr"])
+def test_deit_tiny_runs_on_the_emulated_arm_device(arm_device, deit, pruned):
+    model, model_id = deit
+    plan = None
+    if pruned:
+        plan = block_mask_plan(model, model_id=model_id, block=(32, 32), keep=0.5)
+    compiled = compile_model(model, target="arm", plan=plan)
+    assert "+neon" in [str(a) for a in compiled.spec.target.attrs["mattr"]]
+    if pruned:  # no break-even is measured for a remote target: every masked layer is BSR
+        assert {d["kernel"] for d in compiled.sparsity_decisions} == {"bsr"}
+        assert len(compiled.sparsity_decisions) == 48
+    x = np.random.default_rng(3).standard_normal(compiled.input_shape, dtype=np.float32)
+    result = remote_run(compiled, x, arm_device, repeat=1, number=1, warmup=0)
+    with torch.no_grad():
+        expect = (apply_plan_to_torch(model, plan) if pruned else model)(torch.from_numpy(x))
+    np.testing.assert_allclose(result.output, expect.numpy(), rtol=0, atol=1e-4)
+    assert result.device == "rpc:arm-qemu (emulated)"
+    assert "aarch64 under qemu-user emulation" in result.emulated
+    assert len(result.seconds) == 1 and result.seconds[0] > 0
+
+
+def test_bench_reports_emulated_latency_as_emulated(arm_device):
+    report = bench(
+        tiny_vit(depth=1),
+        target="arm",
+        include=("torch-eager", "tvm-dense"),
+        repeat=2,
+        number=1,
+        rpc=arm_device,
+        progress=None,
+    )
+    row = report.row("tvm-dense")
+    assert row.status == "ok" and row.device == "rpc:arm-qemu (emulated)"
+    assert row.max_abs_err_vs_torch < 1e-4
+    assert "emulated latency, not the hardware's" in row.detail
+    # An emulated ARM latency is not compared with PyTorch on this machine's CPU.
+    assert report.speedup == {}
+    markdown = report.to_markdown()
+    assert "rpc:arm-qemu (emulated): latency under emulation, not an ARM hardware number" in (
+        markdown
+    )
+
+
+def test_missing_root_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("VITSPARSE_ARM_ROOT", str(tmp_path / "nowhere"))
+    with pytest.raises(TargetError, match="setup_arm_qemu.sh"):
+        arm_python()
+    code = main(["rpc", "server", "--tracker", "127.0.0.1:9", "--qemu"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "setup_arm_qemu.sh" in err and str(tmp_path / "nowhere") in err
+
+
+def test_server_without_key_is_an_error(capsys):
+    code = main(["rpc", "server", "--tracker", "127.0.0.1:9"])
+    assert code == 2
+    assert "--key" in capsys.readouterr().err
+
+
+def test_profile_on_the_emulated_device(arm_device, tmp_path, monkeypatch):
+    import dataclasses
+
+    from test_profile import TINY
+
+    from vitsparse.targets.profile import GRIDS, profile
+
+    grid = dataclasses.replace(TINY, k=(64,), densities=(0.5,), head_dim=(16,), held_out=1)
+    monkeypatch.setitem(GRIDS, "small", grid)
+    table = profile("arm", tmp_path / "cost.json", grid="small", rpc=arm_device, progress=None)
+    assert table.complete and table.device == "rpc:arm-qemu"
+    assert "qemu-user emulation" in table.emulated
+    assert len(table.kernels) == 2 and len(table.blocks) == 1  # no axis leaves a held-out point
+    assert all(r["ms"] > 0 for r in table.kernels + table.blocks)
