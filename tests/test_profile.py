@@ -8,6 +8,7 @@ import pytest
 
 from vitsparse.cli import main
 from vitsparse.errors import TargetError
+from vitsparse.frontend import load_torch_model
 from vitsparse.targets import profile as profile_mod
 from vitsparse.targets.cost_table import CostTable, block_key, kernel_key
 from vitsparse.targets.profile import GRIDS, Grid, profile
@@ -184,3 +185,43 @@ def test_profile_cli_errors(tmp_path, capsys, args, message):
         assert main(["profile", "-o", str(out), *args]) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_cost_table_is_a_cost_model_for_the_criteria(tmp_path):
+    from vitsparse.data.sources import load_images
+    from vitsparse.errors import PlanError
+    from vitsparse.frontend.testing import tiny_vit
+    from vitsparse.plan_structure import Structure
+    from vitsparse.pruning.budget import Budget
+    from vitsparse.pruning.criteria import make_plan
+    from vitsparse.targets.cost_table import TableCost
+
+    table = _synthetic(_kernel_cost, _block_cost)
+    table.complete = True
+    cost = TableCost(table).for_block((32, 32))
+    dense = 1e-6 * 197 * 192 * 768
+    assert cost.saving("fc1", (768, 192), 197, 0.5) == pytest.approx(dense - 2 * dense * 0.5)
+    assert cost.saving("fc1", (768, 192), 197, 0.6) == pytest.approx(dense - 2 * dense * 0.4)
+    assert cost.saving("fc1", (768, 192), 197, 0.05) == 0.0  # density 0.95: above the grid
+    deit = load_torch_model("deit_tiny_patch16_224")[0]
+    block = dict(embed=192, heads=3, head_dim=64, mlp=768, tokens=197)
+    assert cost.model_cost(deit, Structure()) == pytest.approx(12 * _block_cost(block))
+    with pytest.raises(TargetError, match="no bsr 8x8"):
+        TableCost(table).for_block((8, 8))
+
+    # The knob: NViT and LPViT read the table (a small model: extrapolated below the grid).
+    path = tmp_path / "cost.json"
+    table.save(path)
+    model = tiny_vit(depth=2, embed_dim=64, num_heads=4, patch_size=4)
+    calib = load_images("synthetic", image_size=32, limit=8).images
+    for method, knobs in (("nvit", {"steps": 2}), ("lpvit", {"block": "32x32"})):
+        plan = make_plan(
+            method, model, calib, Budget("flops", 0.6), model_id="t",
+            knobs={**knobs, "cost": str(path)},
+        )  # fmt: skip
+        assert Budget("flops", 0.6).fits(model, plan)
+    with pytest.raises(PlanError, match="nvit knob cost: .*no such cost table"):
+        make_plan(
+            "nvit", model, calib, Budget("flops", 0.6), model_id="t",
+            knobs={"cost": str(tmp_path / "none.json")},
+        )  # fmt: skip

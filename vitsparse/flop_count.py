@@ -102,6 +102,28 @@ def params(source, plan: PruningPlan | Structure | str | None = None) -> int:
     return total
 
 
+def block_shapes(source, plan: PruningPlan | Structure | str | None = None) -> list[dict]:
+    """Per transformer block of ``source`` pruned by ``plan``: its embed, heads, head dim (the
+    larger of q/k and v: the compiled model pads the smaller), MLP width and input tokens, as
+    `vitsparse.targets.cost_table.CostTable.block_ms` takes them."""
+    _, _, geo, structure, _ = _resolve(source, plan)
+    embed = geo.embed_dim if structure.embed is None else len(structure.embed.kept)
+    tokens = structure.token_schedule(geo.num_patches, geo.depth)
+    shapes = []
+    for i in range(geo.depth):
+        heads, qk, v, hidden = _block_dims(structure, geo, i)
+        shapes.append(
+            dict(
+                embed=embed,
+                heads=heads,
+                head_dim=max(qk, v),
+                mlp=hidden,
+                tokens=geo.num_prefix_tokens + tokens[i],
+            )
+        )
+    return shapes
+
+
 def _resolve(source, plan):
     """(model, model id, geometry, structure, {layer: density}) of a torch source and a plan."""
     from vitsparse.frontend import load_torch_model

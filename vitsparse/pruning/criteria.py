@@ -22,6 +22,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vitsparse.errors import PlanError
@@ -57,6 +58,19 @@ def _bool(text) -> bool:
     if value in ("0", "false", "no", "off"):
         return False
     raise ValueError(f"{text!r} is not a boolean (true/false)")
+
+
+def _cost_table(text):
+    """A measured cost table (``vitsparse profile -o COST.json``) as the cost model."""
+    from vitsparse.errors import TargetError
+    from vitsparse.targets.cost_table import TableCost
+
+    if not isinstance(text, str | Path):
+        return text
+    try:
+        return TableCost.load(text)
+    except TargetError as err:
+        raise ValueError(str(err)) from None
 
 
 @dataclass(frozen=True)
@@ -130,13 +144,13 @@ CRITERIA: dict[str, Criterion] = {
             "lpvit",
             _lpvit,
             "block masks, densities allocated across layers",
-            knobs={"block": _block, "layers": _patterns, "beta_scale": float},
+            knobs={"block": _block, "layers": _patterns, "beta_scale": float, "cost": _cost_table},
         ),
         Criterion(
             "nvit",
             _nvit,
             "embedding channels, heads, q/k and v dims, MLP neurons (global ranking)",
-            knobs={"eta": float, "steps": int, "batch": int, "seed": int},
+            knobs={"eta": float, "steps": int, "batch": int, "seed": int, "cost": _cost_table},
         ),
         Criterion(
             "upvit",

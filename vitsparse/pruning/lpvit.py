@@ -119,6 +119,9 @@ def lpvit_plan(
     from vitsparse.pruning.structured_torch import geometry_of
 
     geo = geometry_of(model)
+    cost = cost or FlopsCost()
+    if hasattr(cost, "for_block"):  # a measured cost table: the kernels of this block size
+        cost = cost.for_block(block)
     tokens = geo.num_patches + geo.num_prefix_tokens
     selected = _select_linear_layers(model, list(DEFAULT_LAYERS if layers is None else layers))
     grads = calibration_gradients(model, calibration)
@@ -127,9 +130,7 @@ def lpvit_plan(
         weight = module.weight.detach().double().numpy()
         check_block_geometry(name, block, weight.shape)
         grad = grads[name].double().numpy()
-        curves.append(
-            _curves(name, weight, grad, block, tokens, cost or FlopsCost(), budget.metric)
-        )
+        curves.append(_curves(name, weight, grad, block, tokens, cost, budget.metric))
     # Slopes per pruned block, in units of sparsity (one block is 1/n of the layer).
     d_delta = [np.diff(c.delta) * c.n for c in curves]
     d_save = [np.diff(c.saving) * c.n for c in curves]

@@ -353,6 +353,8 @@ def _time_torch(
 ) -> BenchRow:
     import torch
 
+    if session.spec.device_type == "cuda" and session.rpc is None and torch.cuda.is_available():
+        return _time_torch_cuda(session, runtime, model, detail, pruned=pruned)
     session.say(f"[bench] timing {runtime} ({session.threads} threads) ...")
     x = torch.from_numpy(session.x)
     with _torch_threads(session.threads), torch.inference_mode():
@@ -361,6 +363,37 @@ def _time_torch(
         return session.ok_row(
             runtime, out, latency, detail=detail, pruned=pruned, run=lambda: model(x)
         )
+
+
+def _time_torch_cuda(session: _Session, runtime: str, model, detail: str, *, pruned: bool):
+    """PyTorch eager on the GPU the CUDA target runs on (cuBLAS/cuDNN, TF32 off: the TVM rows
+    compute in float32 too), timed with a synchronize per call."""
+    import copy
+
+    import torch
+
+    name = torch.cuda.get_device_name()
+    session.say(f"[bench] timing {runtime} on {name} ...")
+    gpu_model = copy.deepcopy(model).to("cuda").eval()
+    x = torch.from_numpy(session.x).to("cuda")
+
+    def run():
+        y = gpu_model(x)
+        torch.cuda.synchronize()
+        return y
+
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        with torch.inference_mode():
+            out = run().float().cpu().numpy()
+            latency = session.timing.measure(run)
+            detail += f"; on {name} (cuBLAS/cuDNN, TF32 off)"
+            return session.ok_row(
+                runtime, out, latency, detail=detail, pruned=pruned, device="cuda", run=run
+            )
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def _run_onnxruntime(session: _Session) -> BenchRow:

@@ -51,6 +51,7 @@ class CostTable:
     meter: str = ""
     emulated: str | None = None
     complete: bool = False
+    seconds: float = 0.0  # building and measuring every row, over all runs that made the table
 
     # --- files -------------------------------------------------------------------------------
 
@@ -94,26 +95,43 @@ class CostTable:
         n: int,
         block: tuple[int, int] | None = None,
         density: float = 1.0,
+        *,
+        extrapolate: bool = False,
     ) -> float:
-        """Predicted latency (ms) of a dense (``op="dense"``) or BSR kernel."""
+        """Predicted latency (ms) of a dense (``op="dense"``) or BSR kernel; outside the grid an
+        error, or with ``extrapolate`` the log-linear continuation of its edge."""
         if op not in ("dense", "bsr"):
             raise TargetError(f"kernel op {op!r} is neither 'dense' nor 'bsr'")
         if op == "bsr" and block is None:
             raise TargetError("a BSR kernel needs its block size")
         block = list(block) if op == "bsr" else None
-        rows = [
-            r
-            for r in self._grid_rows("kernels")
-            if r["op"] == op and (op == "dense" or list(r["block"]) == block)
-        ]
         what = op if op == "dense" else f"bsr {block[0]}x{block[1]}"
         query = dict(m=m, k=k, n=n, density=density if op == "bsr" else 1.0)
-        return _interpolate(rows, KERNEL_AXES, query, what)
+        return self._interpolator("kernels", what, op, block)(query, extrapolate)
 
-    def block_ms(self, embed: int, heads: int, head_dim: int, mlp: int, tokens: int) -> float:
-        """Predicted latency (ms) of one transformer block."""
+    def block_ms(
+        self, embed: int, heads: int, head_dim: int, mlp: int, tokens: int, *, extrapolate=False
+    ) -> float:
+        """Predicted latency (ms) of one transformer block (see `kernel_ms`)."""
         query = dict(embed=embed, heads=heads, head_dim=head_dim, mlp=mlp, tokens=tokens)
-        return _interpolate(self._grid_rows("blocks"), BLOCK_AXES, query, "block")
+        return self._interpolator("blocks", "block")(query, extrapolate)
+
+    def densities(self, block: tuple[int, int]) -> tuple[float, float]:
+        """The lowest and highest BSR density profiled for ``block``."""
+        values = [r["density"] for r in self.kernels if r["block"] == list(block)]
+        if not values:
+            raise TargetError(f"the cost table has no bsr {block[0]}x{block[1]} measurements")
+        return min(values), max(values)
+
+    def _interpolator(self, kind: str, what: str, op=None, block=None) -> _Interpolator:
+        cache = self.__dict__.setdefault("_cache", {})
+        key = (kind, what, len(getattr(self, kind)), tuple(self.held_out.get(kind, [])))
+        if key not in cache:
+            rows = self._grid_rows(kind)
+            if kind == "kernels":
+                rows = [r for r in rows if r["op"] == op and (op == "dense" or r["block"] == block)]
+            cache[key] = _Interpolator(rows, KERNEL_AXES if kind == "kernels" else BLOCK_AXES, what)
+        return cache[key]
 
     def held_out_error(self) -> dict:
         """Per kind: the held-out points' measured and predicted ms, and the median and max
@@ -154,34 +172,87 @@ def _check_row(row: dict, fields: tuple[str, ...]) -> None:
         raise ValueError(f"row {row['key']!r} has latency {row['ms']!r}")
 
 
-def _interpolate(rows: list[dict], axes: tuple[str, ...], query: dict, what: str) -> float:
+class _Interpolator:
     """Multilinear interpolation of log(ms) over log(axes) on the full grid that ``rows`` span;
-    an axis with one value is constant. TargetError for a query outside the grid or a grid
-    with holes (an interrupted profile)."""
-    from scipy.interpolate import RegularGridInterpolator
+    an axis with one value is constant. TargetError for a grid with holes (an interrupted
+    profile) and, unless extrapolating, for a query outside the grid."""
 
-    if not rows:
-        raise TargetError(f"the cost table has no {what} measurements")
-    values = {a: sorted({float(r[a]) for r in rows}) for a in axes}
-    free = [a for a in axes if len(values[a]) > 1]
-    for a in axes:
-        lo, hi = values[a][0], values[a][-1]
-        if not lo - 1e-9 <= float(query[a]) <= hi + 1e-9 and len(values[a]) > 1:
+    def __init__(self, rows: list[dict], axes: tuple[str, ...], what: str):
+        from scipy.interpolate import RegularGridInterpolator
+
+        if not rows:
+            raise TargetError(f"the cost table has no {what} measurements")
+        self.what = what
+        self.values = {a: sorted({float(r[a]) for r in rows}) for a in axes}
+        self.free = [a for a in axes if len(self.values[a]) > 1]
+        cube = np.full([len(self.values[a]) for a in self.free], np.nan)
+        for r in rows:
+            cube[tuple(self.values[a].index(float(r[a])) for a in self.free)] = np.log(r["ms"])
+        if np.isnan(cube).any():
             raise TargetError(
-                f"{what}: {a}={query[a]} is outside the profiled range {lo:g}..{hi:g}"
+                f"the cost table's {what} grid has {int(np.isnan(cube).sum())} unmeasured "
+                "points; finish it by re-running vitsparse profile with the same -o"
             )
-    shape = [len(values[a]) for a in free]
-    cube = np.full(shape, np.nan)
-    for r in rows:
-        index = tuple(values[a].index(float(r[a])) for a in free)
-        cube[index] = np.log(float(r["ms"]))
-    if np.isnan(cube).any():
-        raise TargetError(
-            f"the cost table's {what} grid has {int(np.isnan(cube).sum())} unmeasured points; "
-            "finish it by re-running vitsparse profile with the same -o"
+        self.cube = cube
+        grid = [np.log(self.values[a]) for a in self.free]
+        self.interp = (
+            RegularGridInterpolator(grid, cube, bounds_error=False, fill_value=None)
+            if self.free
+            else None
         )
-    if not free:
-        return float(np.exp(cube))
-    grid = [np.log(values[a]) for a in free]
-    point = [np.log(min(max(float(query[a]), values[a][0]), values[a][-1])) for a in free]
-    return float(np.exp(RegularGridInterpolator(grid, cube)(point)[0]))
+
+    def __call__(self, query: dict, extrapolate: bool = False) -> float:
+        for a in self.free:
+            lo, hi = self.values[a][0], self.values[a][-1]
+            if not extrapolate and not lo - 1e-9 <= float(query[a]) <= hi + 1e-9:
+                raise TargetError(
+                    f"{self.what}: {a}={query[a]} is outside the profiled range {lo:g}..{hi:g}"
+                )
+        if self.interp is None:
+            return float(np.exp(self.cube))
+        point = [np.log(max(float(query[a]), 1e-9)) for a in self.free]
+        return float(np.exp(self.interp(point)[0]))
+
+
+class TableCost:
+    """A cost table as the pruning criteria's cost model (`vitsparse.pruning.budget.CostModel`,
+    in ms): ``saving`` is the dense kernel's latency minus the BSR kernel's at the kept density
+    (none above the highest profiled density), ``model_cost`` the sum of the blocks' latencies.
+    Sizes beyond the grid, as heavy pruning reaches, are extrapolated log-linearly."""
+
+    def __init__(self, table: CostTable, block: tuple[int, int] | None = None):
+        self.table, self.block = table, block
+        self._densities = table.densities(block) if block is not None else None
+
+    @classmethod
+    def load(cls, path: str | Path) -> TableCost:
+        table = CostTable.load(path)
+        if not table.complete:
+            raise TargetError(f"{path}: the profile is unfinished; re-run vitsparse profile")
+        return cls(table)
+
+    def for_block(self, block: tuple[int, int]) -> TableCost:
+        """This cost for BSR kernels of ``block`` (TargetError if the table has none)."""
+        return TableCost(self.table, tuple(block))
+
+    def saving(self, layer: str, shape: tuple[int, int], tokens: int, sparsity: float) -> float:
+        if self.block is None:
+            raise TargetError("TableCost.saving needs a block size (for_block)")
+        out_f, in_f = shape
+        dense = self.table.kernel_ms("dense", tokens, in_f, out_f, extrapolate=True)
+        density = 1.0 - sparsity
+        lo, hi = self._densities
+        if density > hi:
+            return 0.0
+        sparse = self.table.kernel_ms(
+            "bsr", tokens, in_f, out_f, self.block, max(density, lo), extrapolate=True
+        )
+        return max(dense - sparse, 0.0) if density > 0 else dense
+
+    def model_cost(self, model, structure) -> float:
+        from vitsparse.flop_count import block_shapes
+
+        return sum(
+            self.table.block_ms(**shape, extrapolate=True)
+            for shape in block_shapes(model, structure)
+        )

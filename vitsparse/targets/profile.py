@@ -108,10 +108,10 @@ class Grid:
             (block, self.block_points(), block_key),
         ):
             taken, points = {key(p) for p in nodes}, []
-            for i in range(100 * self.held_out):
+            for _ in range(100 * self.held_out):
                 if len(points) == self.held_out:
                     break
-                point = make(len(points) + i)
+                point = make(len(points))
                 if key(point) not in taken:
                     taken.add(key(point))
                     points.append(point)
@@ -187,6 +187,13 @@ def profile(
         ("kernels", p, kernel_key(p), _measure_kernel) for p in g.kernel_points() + held_kernels
     ]
     todo += [("blocks", p, block_key(p), _measure_block) for p in g.block_points() + held_blocks]
+    wanted = {kind: {t[2] for t in todo if t[0] == kind} for kind in ("kernels", "blocks")}
+    for kind in ("kernels", "blocks"):  # rows of an older version of the grid
+        rows = getattr(table, kind)
+        stale = [r for r in rows if r["key"] not in wanted[kind]]
+        if stale:
+            say(f"[profile] dropping {len(stale)} {kind} rows that are not in this grid")
+            rows[:] = [r for r in rows if r["key"] in wanted[kind]]
     done = {kind: {row["key"] for row in getattr(table, kind)} for kind in ("kernels", "blocks")}
     left = [t for t in todo if t[2] not in done[t[0]]]
     say(
@@ -195,9 +202,11 @@ def profile(
     )
     start = time.time()
     for i, (kind, point, key, measure) in enumerate(left, 1):
+        began = time.time()
         ms, energy = measure(point, spec, bench)
         row = dict(point, key=key, ms=ms, energy_j=energy)
         getattr(table, kind).append(row)
+        table.seconds += time.time() - began
         table.save(out)
         eta = (time.time() - start) / i * (len(left) - i)
         say(f"[profile] {i}/{len(left)} {key}: {ms:.3f} ms (about {eta:.0f} s left)")
