@@ -82,7 +82,7 @@ def test_knobs_and_bad_input(setup):
     budget = Budget("flops", 0.5)
     with pytest.raises(PlanError, match="unknown criterion 'obd'; known: magnitude, lpvit"):
         make_plan("obd", model, calib, budget, model_id="t")
-    with pytest.raises(PlanError, match=r"nvit has no knob 'beta' \(its knobs: batch, eta"):
+    with pytest.raises(PlanError, match=r"nvit has no knob 'beta' \(its knobs: batch, cost, eta"):
         make_plan("nvit", model, calib, budget, model_id="t", knobs={"beta": 1})
     with pytest.raises(PlanError, match="nvit knob steps: invalid literal"):
         make_plan("nvit", model, calib, budget, model_id="t", knobs={"steps": "many"})

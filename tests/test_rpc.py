@@ -24,18 +24,22 @@ from vitsparse.targets.rpc import (
 KEY = "x86-local"
 
 
-@pytest.fixture(scope="module")
-def farm():
-    tracker = start_tracker("127.0.0.1", 9390)
-    address = f"127.0.0.1:{tracker.port}"
-    server = start_server(address, KEY, port=9490)
-    device = RpcDevice(address, KEY)
-    for _ in range(50):  # the server registers itself with the tracker
+def _registered(device: RpcDevice) -> RpcDevice:
+    for _ in range(50):  # a server registers itself with the tracker within a few seconds
         try:
             device.check()
             break
         except TargetError:
             time.sleep(0.2)
+    return device
+
+
+@pytest.fixture(scope="module")
+def farm():
+    tracker = start_tracker("127.0.0.1", 9390)
+    address = f"127.0.0.1:{tracker.port}"
+    server = start_server(address, KEY, port=9490)
+    device = _registered(RpcDevice(address, KEY))
     yield device
     server.terminate()
     tracker.terminate()
@@ -112,3 +116,33 @@ def test_profile_over_rpc(farm, tmp_path, monkeypatch):
     assert table.meter == "unavailable: no meter is read over RPC"
     assert all(r["ms"] > 0 and r["energy_j"] is None for r in table.kernels + table.blocks)
     assert table.held_out_error()["kernels"]["points"] == 2
+
+
+def test_profile_survives_a_device_that_goes_away(farm, tmp_path, monkeypatch):
+    from test_profile import TINY
+
+    from vitsparse.targets.profile import GRIDS, profile
+
+    monkeypatch.setitem(GRIDS, "small", TINY)
+    server = start_server(farm.tracker, "x86-leaving", port=9690)
+    device = _registered(RpcDevice(farm.tracker, "x86-leaving"))
+    out = tmp_path / "cost.json"
+    measured = []
+
+    def kill_after_two(msg):
+        if " ms (about" in msg:
+            measured.append(msg)
+            if len(measured) == 2:
+                server.terminate()
+                time.sleep(5)  # the tracker drops the server's registration
+
+    with pytest.raises(TargetError, match=r"x86-leaving.*2 points measured are kept in .*resume"):
+        profile("x86", out, grid="small", rpc=device, progress=kill_after_two)
+    server = start_server(farm.tracker, "x86-leaving", port=9690)
+    try:
+        _registered(device)
+        lines = []
+        table = profile("x86", out, grid="small", rpc=device, progress=lines.append)
+        assert "(2 already in" in lines[0] and table.complete
+    finally:
+        server.terminate()

@@ -156,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=_output_file, metavar="FILE", help="write the report as JSON")
     p.set_defaults(run=_eval)
 
+    from vitsparse.pruning.criteria import CRITERIA  # the registry is cheap to import
+
     p = commands.add_parser("prune", help="make a pruning plan (JSON) for a model")
     p.add_argument("model", metavar="MODEL", help="timm model name")
     p.add_argument(
@@ -180,9 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="a criterion knob, repeatable: magnitude kind/block/embed, "
-        "lpvit block/layers/beta_scale, nvit eta/steps/batch/seed, upvit embed/batch, "
-        "cpvit head_share/min_tokens/batch",
+        help="a criterion knob, repeatable: "
+        + ", ".join(f"{c.name} {'/'.join(c.knobs)}" for c in CRITERIA.values())
+        + " (cost=COST.json: a `vitsparse profile` table as the cost model)",
     )
     p.add_argument(
         "--calib",

@@ -203,7 +203,14 @@ def profile(
     start = time.time()
     for i, (kind, point, key, measure) in enumerate(left, 1):
         began = time.time()
-        ms, energy = measure(point, spec, bench)
+        try:
+            ms, energy = measure(point, spec, bench)
+        except TargetError as err:  # the device went away: what was measured stays
+            n = len(table.kernels) + len(table.blocks)
+            raise TargetError(
+                f"{err}. The {n} points measured are kept in {out}: re-run the same command "
+                "to resume"
+            ) from None
         row = dict(point, key=key, ms=ms, energy_j=energy)
         getattr(table, kind).append(row)
         table.seconds += time.time() - began
