@@ -1,7 +1,17 @@
 """A real RPC tracker and device server on 127.0.0.1: bench and tune measure through them, the
-outputs match PyTorch, and an unreachable tracker, an unknown key or a half-given --rpc are clear
-errors."""
+outputs match PyTorch, an unreachable tracker, an unknown key or a half-given --rpc are clear
+errors, and a device that goes away mid-tune stops the job, keeping its records."""
 
+import collections
+import contextlib
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
 import time
 
 import numpy as np
@@ -13,6 +23,9 @@ from vitsparse.compiler import compile_model
 from vitsparse.errors import TargetError
 from vitsparse.frontend.testing import tiny_vit
 from vitsparse.report import bench
+from vitsparse.schedules.database import open_target_database
+from vitsparse.schedules.tuning import _DeviceWatch
+from vitsparse.targets import resolve_target
 from vitsparse.targets.rpc import (
     RpcDevice,
     parse_address,
@@ -22,6 +35,7 @@ from vitsparse.targets.rpc import (
 )
 
 KEY = "x86-local"
+DOOMED = "x86-doomed"  # a device that is switched off in the middle of a job
 
 
 def _registered(device: RpcDevice) -> RpcDevice:
@@ -73,17 +87,129 @@ def test_bench_measures_tvm_rows_on_the_device(farm):
     assert report.row("torch-eager").device == "cpu"
 
 
-def test_tune_over_rpc_keeps_its_records(farm, tmp_path, capsys):
-    db = tmp_path / "db"
-    code = main(
-        ["tune", "vitsparse/digits_vit", "--db", str(db), "--trials", "2"]
-        + ["--rpc", farm.tracker, "--key", KEY]
-    )
-    captured = capsys.readouterr()
-    assert code == 0, captured.err
-    assert f"measuring on a '{KEY}' device via the tracker {farm.tracker}" in captured.err
+@pytest.fixture(scope="module")
+def tuned_over_rpc(farm, tmp_path_factory):
+    """`tune --rpc` of the digits model on the farm: exit status, database root and stderr."""
+    db = tmp_path_factory.mktemp("tune-rpc") / "db"
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(
+            ["tune", "vitsparse/digits_vit", "--db", str(db), "--trials", "2"]
+            + ["--rpc", farm.tracker, "--key", KEY]
+        )
+    return code, db, err.getvalue()
+
+
+def test_tune_over_rpc_keeps_its_records(farm, tuned_over_rpc):
+    code, db, err = tuned_over_rpc
+    assert code == 0, err
+    assert f"measuring on a '{KEY}' device via the tracker {farm.tracker}" in err
     records = list(db.glob("*/database_tuning_record.json"))
     assert records and records[0].read_text().count("\n") >= 5  # one line per measured record
+
+
+def _switchable_server(tracker: str, key: str) -> subprocess.Popen:
+    """`vitsparse rpc server` in a process group of its own, as a board that can be unplugged."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vitsparse.cli", "rpc", "server", "--tracker", tracker]
+        + ["--key", key, "--port", "9495"],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+    )
+    for _ in range(100):
+        with contextlib.suppress(TargetError):
+            if RpcDevice(tracker, key).check()["queue_info"][key]["free"]:  # registered, idle
+                return proc
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    raise AssertionError(f"the server for {key} did not register")
+
+
+def _kill_when_measuring(server: subprocess.Popen, tracker: str, killed: dict) -> None:
+    """Kill the server's process group once a job holds a session on it (mid-measurement)."""
+    from tvm import rpc
+
+    session = rpc.connect_tracker(*parse_address(tracker))
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and server.poll() is None:
+        if session.summary()["queue_info"].get(DOOMED, {}).get("free") == 0:
+            os.killpg(server.pid, signal.SIGKILL)
+            killed["at"] = time.monotonic()
+            return
+        time.sleep(0.05)
+
+
+@pytest.mark.slow  # about 3 min here (two local builds); the watch itself is tested below
+def test_tune_stops_when_the_device_goes_away_and_resumes(farm, tuned_over_rpc, tmp_path, capsys):
+    # The farm's database, less the hand-schedule records of two kernels: the job measures them
+    # first, and the device is killed while it does. The search trials the database holds
+    # already spend the budget of 1 trial, so that a resumed job has nothing else to do.
+    db = tmp_path / "db"
+    shutil.copytree(tuned_over_rpc[1], db)
+    (records,) = db.glob("*/database_tuning_record.json")
+    lines = records.read_text().splitlines()
+    counts = collections.Counter(json.loads(line)[0] for line in lines)
+    assert max(counts.values()) >= 2, "the farm's job recorded no search trial"
+    dropped = sorted(w for w, n in counts.items() if n == 1)[-2:]
+    kept = [line for line in lines if json.loads(line)[0] not in dropped]
+    records.write_text("\n".join(kept) + "\n")
+    command = ["tune", "vitsparse/digits_vit", "--db", str(db), "--trials", "1"]
+    command += ["--rpc", farm.tracker, "--key", DOOMED]
+
+    server = _switchable_server(farm.tracker, DOOMED)
+    killed: dict = {}
+    killer = threading.Thread(target=_kill_when_measuring, args=(server, farm.tracker, killed))
+    killer.start()
+    try:
+        code = main(command)
+        stopped = time.monotonic()
+    finally:
+        killer.join(timeout=5)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGKILL)
+    err = capsys.readouterr().err
+    assert "at" in killed, "the job never measured on the device:\n" + err
+    assert code == 2 and stopped - killed["at"] < 30, err
+    assert f"device '{DOOMED}' went away during the job" in err
+    assert f"at the tracker {farm.tracker}" in err and "re-run the same command" in err
+    after = records.read_text().splitlines()  # intact: every record of before, one per line
+    assert set(kept) <= set(after) and all(json.loads(line) for line in after)
+    spec = resolve_target("x86")
+    assert len(open_target_database(db, spec, create=False)) == len(after)
+
+    server = _switchable_server(farm.tracker, DOOMED)  # the device is back: the job resumes
+    try:
+        code = main(command)
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+    err = capsys.readouterr().err
+    assert code == 0, err
+    missing = len(dropped) - len({json.loads(line)[0] for line in after} & set(dropped))
+    assert (f"measuring the hand-written schedules of {missing} kernels" in err) == (missing > 0)
+    assert "already spent" in err
+    final = records.read_text().splitlines()
+    assert set(after) <= set(final)
+    assert {json.loads(line)[0] for line in final} >= set(dropped)
+
+
+def test_device_watch_stops_a_job_blocked_in_a_wait():
+    # The job above may end on its own before the watch sees the device gone (its last check
+    # then finds it); a longer job is stopped in the main thread, from wherever it waits.
+    class Device:
+        key, checks = DOOMED, 0
+
+        def check(self):
+            self.checks += 1
+            if self.checks > 2:
+                raise TargetError(f"no device is registered under key {DOOMED!r}")
+
+    before = signal.getsignal(signal.SIGINT)
+    start = time.monotonic()
+    with pytest.raises(TargetError, match=f"device '{DOOMED}' went away during the job: no dev"):
+        with _DeviceWatch(Device(), [], "the database", period=0.2):
+            threading.Event().wait(60)
+    assert time.monotonic() - start < 10
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 def test_errors(farm, tmp_path, capsys):

@@ -13,10 +13,13 @@ database (trials already spent count against the budget), so an interrupted job 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
+import signal
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -227,8 +230,8 @@ def tune(
     With ``rpc`` (a `vitsparse.targets.rpc.RpcDevice`) candidates are built here (cross-compiled
     where the target needs it) and measured on a device of its key through the tracker. Records
     are committed per measured batch, so an interrupted job resumes when re-run. A device that
-    disappears mid-job is not handled yet: the tracker queues the request until one of the key
-    returns, so the job waits (on interruption it reports what the database holds).
+    disappears mid-job stops it within seconds: TargetError names the device and where the
+    records measured before it went are kept (`_DeviceWatch`).
     """
     say = progress or (lambda _msg: None)
     spec = resolve_target(target, cuda_arch=cuda_arch)
@@ -261,11 +264,9 @@ def tune(
     database = open_target_database(db, spec, create=True)
     directory = target_dir(db, spec)
     report = TuneReport(imported.model_id, spec.key, str(directory), budget, 0.0)
-    try:
+    watch = contextlib.nullcontext() if rpc is None else _DeviceWatch(rpc, database, str(directory))
+    with watch:
         report.kernels = tune_kernels(kernels, spec, database, budget, say, str(directory), rpc)
-    finally:
-        if rpc is not None:
-            _check_device_still_there(rpc, database, say, str(directory))
     report.seconds = time.time() - start
     say(report.summary())
     return report
@@ -432,17 +433,104 @@ def _cross_export(mod, cross_compiler: str) -> str:
     return path
 
 
-def _check_device_still_there(rpc, database, say, where: str) -> None:
-    """After a job over RPC ends or is interrupted: if the device's key is gone from the
-    tracker, say so (the records measured before are in the database; re-running resumes)."""
-    try:
-        rpc.check()
-    except TargetError as err:
-        kept = len(database)
-        say(
-            f"[tune] the device went away during the job ({err}); the {kept} records measured "
-            f"are kept in {where}: re-run the same command to resume"
-        )
+class _DeviceLost(BaseException):
+    """Raised in the main thread to stop a job whose device is gone (a BaseException, as
+    KeyboardInterrupt is, so that no ``except Exception`` on the way swallows it)."""
+
+
+class _DeviceWatch:
+    """While a job measures over RPC: asks the tracker every ``period`` seconds whether the
+    device is still registered. Once it is gone (twice in a row), every measurement left would
+    fail, so the job is stopped the way Ctrl-C stops it: SIGINT to the main thread, which raises
+    `_DeviceLost` there, sent again every second until the job has stopped. On leaving, a lost
+    device (also one that a last check finds gone) turns however the job ended into a
+    TargetError that names the device and where the records measured before are kept."""
+
+    def __init__(self, rpc, database, where: str, period: float = 2.0):
+        self.rpc, self.database, self.where, self.period = rpc, database, where, period
+        self.lost: str | None = None
+        self._stop, self._lock, self._sent = threading.Event(), threading.Lock(), False
+        # Signal handlers run in the main thread only: a job run elsewhere is not interrupted,
+        # its measurements fail until it ends, and it then raises the same TargetError.
+        self._main = threading.current_thread() is threading.main_thread()
+        self._thread = threading.Thread(target=self._watch, name="vitsparse-device", daemon=True)
+
+    def __enter__(self):
+        self._started = time.time()
+        if self._main:
+            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with self._lock:
+            self._stop.set()
+        self._thread.join(timeout=30)
+        if self._main:
+            if self._sent:
+                time.sleep(0.05)  # a signal sent just before stopping arrives here, ignored
+            signal.signal(signal.SIGINT, self._previous)
+        if self.lost is None:
+            try:
+                self.rpc.check()
+            except TargetError as err:
+                self.lost = str(err)
+        if self.lost is not None:
+            self._kill_workers()
+            raise TargetError(
+                f"device {self.rpc.key!r} went away during the job: {self.lost}. The "
+                f"{len(self.database)} tuning records measured are kept in {self.where}: "
+                "re-run the same command once the device is back to resume"
+            ) from None
+
+    def _watch(self) -> None:
+        misses = 0
+        while not self._stop.wait(self.period if self.lost is None else 1.0):
+            if self.lost is None:
+                try:
+                    self.rpc.check()
+                    misses = 0
+                    continue
+                except TargetError as err:
+                    misses += 1
+                    if misses < 2:
+                        continue
+                    self.lost = str(err)
+            with self._lock:
+                if self._main and not self._stop.is_set():
+                    self._sent = True
+                    signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+    def _on_sigint(self, signum, frame) -> None:
+        if self.lost is None:  # the user's Ctrl-C: what it did before
+            if callable(self._previous):
+                self._previous(signum, frame)
+            elif self._previous != signal.SIG_IGN:
+                raise KeyboardInterrupt
+        elif not self._stop.is_set() and not _in_ms_logging(frame):
+            raise _DeviceLost(self.lost)
+
+    def _kill_workers(self) -> None:
+        """Kill the MetaSchedule worker processes started during the job (builder, runner):
+        Python would otherwise wait at exit for the builds in flight to finish."""
+        import psutil
+
+        for child in psutil.Process().children():
+            with contextlib.suppress(psutil.Error):
+                ours = child.create_time() >= self._started
+                if ours and "tvm.exec.popen_worker" in child.cmdline():
+                    child.kill()
+
+
+def _in_ms_logging(frame) -> bool:
+    """Whether ``frame`` runs under MetaSchedule's logging callback, which its C++ calls from a
+    destructor: an exception raised there aborts the process (std::terminate). The job is
+    stopped by the next signal, a second later."""
+    while frame is not None:
+        if frame.f_globals.get("__name__") == "tvm.s_tir.meta_schedule.logging":
+            return True
+        frame = frame.f_back
+    return False
 
 
 def bsr_alloc_argument_rpc(session, device, args_info, alloc_repeat: int) -> list[list]:

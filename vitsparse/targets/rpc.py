@@ -12,6 +12,7 @@ uses MetaSchedule's RPC runner (`rpc_runner`).
 from __future__ import annotations
 
 import re
+import select
 import socket
 import tempfile
 from dataclasses import dataclass
@@ -76,14 +77,10 @@ class RpcDevice:
 
     def connect(self):
         """An RPC session on a free device of ``key`` (waits for one while all are busy)."""
-        from tvm import rpc
-
         self.check()
         host, port = self.address
         try:
-            return rpc.connect_tracker(host, port).request(
-                self.key, priority=1, session_timeout=self.session_timeout
-            )
+            return request_session(host, port, self.key, session_timeout=self.session_timeout)
         except (RuntimeError, OSError) as err:
             raise TargetError(f"device {self.key!r} via {host}:{port}: {err}") from None
 
@@ -179,18 +176,41 @@ def registered(summary: dict, key: str) -> int:
 
 
 def create_session_if_present(rpc_config):
-    """MetaSchedule's session factory, failing at once when no server of the key is registered
-    any more (TVM's own request would wait for one to come back): a device that disappears
-    mid-job turns the remaining measurements into errors instead of a hang."""
-    from tvm import rpc
+    """MetaSchedule's session factory: `request_session` with the runner's settings, so that a
+    device that disappears mid-job turns the remaining measurements into errors, not a hang."""
+    return request_session(
+        rpc_config.tracker_host,
+        rpc_config.tracker_port,
+        rpc_config.tracker_key,
+        session_timeout=rpc_config.session_timeout_sec,
+        priority=rpc_config.session_priority,
+    )
 
-    tracker = rpc.connect_tracker(rpc_config.tracker_host, rpc_config.tracker_port)
-    if not registered(tracker.summary(), rpc_config.tracker_key):
-        raise RuntimeError(
-            f"no device registered under key {rpc_config.tracker_key!r} any more at "
-            f"{rpc_config.tracker_host}:{rpc_config.tracker_port}"
-        )
-    return rpc_config.connect_server()
+
+def request_session(host, port, key, *, session_timeout=0, priority=1, poll=2.0):
+    """TVM's tracker request (an RPC session on the next free server of ``key``), except that
+    it gives up as soon as the tracker lists no server of the key: TVM's own request waits for
+    one to come back, and retries, as a new request that waits, a matched server that died
+    before answering. RuntimeError names the key and the tracker."""
+    from tvm import rpc
+    from tvm.rpc import base
+
+    def gone():
+        return RuntimeError(f"no device registered under key {key!r} any more at {host}:{port}")
+
+    tracker = rpc.connect_tracker(host, port)
+    if not registered(tracker.summary(), key):
+        raise gone()
+    request = rpc.connect_tracker(host, port)  # the answer comes when a server is free
+    base.sendjson(request._sock, [base.TrackerCode.REQUEST, key, "", priority])
+    while not select.select([request._sock], [], [], poll)[0]:
+        if not registered(tracker.summary(), key):
+            raise gone()
+    value = base.recvjson(request._sock)
+    if value[0] != base.TrackerCode.SUCCESS:
+        raise RuntimeError(f"the tracker at {host}:{port} refused a request for {key!r}: {value}")
+    url, server_port, matchkey = value[1]
+    return rpc.connect(url, server_port, matchkey, session_timeout)
 
 
 def start_tracker(host: str = "127.0.0.1", port: int = DEFAULT_TRACKER_PORT):
