@@ -17,11 +17,9 @@ predictions are from fresh measurements.
 
 from __future__ import annotations
 
-import json
-import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -277,15 +275,12 @@ class _Bench:
             dev = self.spec.device
             module = relax.VirtualMachine(executable, dev) if vm else executable.mod
             return self._timed(module, [tvm.runtime.tensor(a, dev) for a in args], dev, vm)
-        from vitsparse.targets.export import export_library
+        from vitsparse.targets.rpc import upload
 
         session = self.rpc.connect()
         try:
-            with tempfile.TemporaryDirectory(prefix="vitsparse-profile-") as tmp:
-                export_library(executable, Path(tmp) / "point.so", self.spec)
-                session.upload(str(Path(tmp) / "point.so"))
             dev = session.device(self.spec.device_type, 0)
-            module = session.load_module("point.so")
+            module = upload(session, executable, self.spec, "point.so")
             if vm:
                 module = relax.VirtualMachine(module, dev)
             return self._timed(module, [tvm.runtime.tensor(a, dev) for a in args], dev, vm)
@@ -389,7 +384,3 @@ def compile_block(point: dict, spec):
 def _measure_block(point: dict, spec, bench: _Bench) -> tuple[float, float | None]:
     executable, x, _ = compile_block(point, spec)
     return bench.time(executable, [x], vm=True)
-
-
-def grid_json(grid: str) -> dict:
-    return json.loads(json.dumps(asdict(GRIDS[grid])))

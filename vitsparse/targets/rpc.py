@@ -118,23 +118,29 @@ def emulation(session) -> str | None:
     return str(describe())
 
 
+def upload(session, executable, spec, name: str):
+    """Export ``executable`` (compiled for ``spec``) as the library ``name``, upload it to an RPC
+    ``session`` and load it there; the remote module."""
+    from vitsparse.targets.export import export_library
+
+    with tempfile.TemporaryDirectory(prefix="vitsparse-rpc-") as tmp:
+        export_library(executable, Path(tmp) / name, spec)
+        session.upload(str(Path(tmp) / name))
+    return session.load_module(name)
+
+
 def remote_run(compiled, x: np.ndarray, device: RpcDevice, *, repeat=10, number=5, warmup=3):
     """Upload ``compiled`` (a `CompiledModel`) to a device of ``device.key``, run ``x`` once
     and time it with ``time_evaluator``. TargetError if the device cannot be reached or
     disappears."""
     from vitsparse._tvm import relax, tvm
     from vitsparse.compiler import _first_output
-    from vitsparse.targets.export import export_library
 
     session = device.connect()
     spec = compiled.spec
     try:
-        with tempfile.TemporaryDirectory(prefix="vitsparse-rpc-") as tmp:
-            lib = Path(tmp) / "model.so"
-            export_library(compiled.executable, lib, spec)
-            session.upload(str(lib))
         dev = session.device(spec.device_type, 0)
-        vm = relax.VirtualMachine(session.load_module("model.so"), dev)
+        vm = relax.VirtualMachine(upload(session, compiled.executable, spec, "model.so"), dev)
         arg = tvm.runtime.tensor(np.ascontiguousarray(x, dtype=np.float32), dev)
         out = vm["main"](arg)
         out = _first_output(out).numpy()
