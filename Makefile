@@ -17,9 +17,11 @@ demo: install
 	vitsparse demo
 
 test: install
+	lint-imports
 	$(PYTHON) -m pytest -q
 
 lint: install
+	lint-imports
 	ruff check vitsparse tests benchmarks
 	ruff format --check vitsparse tests benchmarks
 

@@ -15,92 +15,55 @@ fractions (random masks, seeded), side by side in one process, and writes
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shlex
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
+from _common import (
+    add_output_args,
+    alternate,
+    host_line,
+    now,
+    say,
+    start,
+    write_suite,
+)
 
-from vitsparse._io import write_text_atomic
-from vitsparse._tvm import Schedule, tvm
-from vitsparse.compiler import set_num_threads
-from vitsparse.report import host_info
-from vitsparse.schedules import bsr, dense, tuning
+from vitsparse.devices import Timing, measure, set_num_threads
+from vitsparse.jobs.tune import tune_kernels
+from vitsparse.passes.pipeline import compile_module
+from vitsparse.plan import parse_block_size
+from vitsparse.schedules import dense, tuning
+from vitsparse.schedules.cases import KernelCase, bsr_case, check_kernel, dense_case
 from vitsparse.schedules.database import open_target_database
-from vitsparse.targets import resolve_target
+from vitsparse.targets import host_info, resolve_target
 
-REPO = Path(__file__).resolve().parents[1]
 SHAPES = ((384, 1152), (384, 384), (384, 1536), (1536, 384))  # (K, N) of qkv, proj, fc1, fc2
 DENSITIES = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
 STEM = "bsr_x86"
 
 
-def _time(lib, args, *, number, repeat) -> float:
-    timer = lib.mod.time_evaluator("main", tvm.cpu(), number=number, repeat=repeat)
-    return float(np.median(list(timer(*args).results)) * 1e3)
+def _timer(mod, case: KernelCase, spec, timing: Timing, what: str):
+    """A function timing ``mod`` (a scheduled kernel) on ``case``'s arguments: median ms; the
+    kernel's output is checked once first."""
+    lib = compile_module(mod, spec.target)
+    check_kernel(case, measure(lib, spec, case.args, vm=False, timing=timing).output, what)
+    return lambda: measure(lib, spec, case.args, vm=False, timing=timing).latency.median_ms
 
 
-def _tuned_dense(shape, spec, db: Path, trials: int):
+def _tuned_dense(m, k, n, spec, db: Path, trials: int):
     """The dense kernel's best schedule in ``db`` after tuning it (``trials`` in all, the hand
     schedule's record included; records already there count), or None without trials."""
     if trials <= 0:
         return None
-    workload = dense.dense_primfunc(shape).with_attr("global_symbol", "main")
-    kernel = tuning.Kernel(f"dense_{shape.k}x{shape.n}", workload, 1)
-    database = open_target_database(db, spec, create=True)
-    tuning.tune_kernels([kernel], spec, database, trials, say=lambda msg: None)
-    return database.query_schedule(kernel.workload(), spec.target, workload_name="main")
-
-
-def _dense_timers(m, k, n, spec, rng, timing, db, trials):
-    """Functions timing the dense kernel of this shape: (tuned, hand-written default); the tuned
-    one is None without trials. The reference is called beside every BSR timing."""
     shape = dense.DenseShape(m, k, n, "none", dense.choose_row_tile(m))
-    hand = Schedule(dense.dense_primfunc(shape).with_attr("global_symbol", "main"))
-    dense.schedule_dense_cpu(hand, dense.default_knobs(shape))
-    tuned = _tuned_dense(shape, spec, db, trials)
-    w = rng.standard_normal((n, k), dtype=np.float32)
-    arrays = [
-        rng.standard_normal((m, k), dtype=np.float32),
-        dense.pack_weight(w),
-        rng.standard_normal(n, dtype=np.float32),
-        np.zeros((m, n), np.float32),
-    ]
-    args = [tvm.runtime.tensor(a) for a in arrays]
-
-    def timer(sch):
-        lib = tvm.compile(sch.mod, target=spec.target)
-        lib["main"](*args)
-        return lambda: _time(lib, args, **timing)
-
-    return (None if tuned is None else timer(tuned)), timer(hand)
-
-
-def _bsr_timer(m, k, n, block, density, target, rng, timing):
-    """(function timing the checked BSR kernel at this density, the actual density)."""
-    rows, cols = block
-    grid = (n // rows, k // cols)
-    kept = np.zeros(grid[0] * grid[1], dtype=bool)
-    kept[rng.permutation(kept.size)[: max(1, round(density * kept.size))]] = True
-    kept = kept.reshape(grid)
-    w = rng.standard_normal((n, k), dtype=np.float32)
-    weight = bsr.to_bsr(w, kept, block)
-    x = rng.standard_normal((m, k), dtype=np.float32)
-    b = rng.standard_normal(n, dtype=np.float32)
-    shape = bsr.BSRShape.of(m, weight, target=target)
-    lib = tvm.compile(bsr.scheduled_cpu(shape, target), target=target)
-    y = np.zeros((m, n), np.float32)
-    args = [tvm.runtime.tensor(a) for a in (x, weight.data, weight.indices, weight.indptr, b, y)]
-    lib["main"](*args)
-    masked = weight.to_dense()
-    err = float(np.abs(args[-1].numpy() - (x @ masked.T + b)).max())
-    if err > 1e-3:
-        raise AssertionError(f"BSR kernel wrong for {k}x{n} {rows}x{cols} @ {density}: {err}")
-    return (lambda: _time(lib, args, **timing)), weight.density
+    workload = dense.dense_primfunc(shape).with_attr("global_symbol", "main")
+    kernel = tuning.Kernel(f"dense_{k}x{n}", workload, 1)
+    database = open_target_database(db, spec, create=True)
+    tune_kernels([kernel], spec, database, trials, say=lambda msg: None)
+    return database.query_schedule(kernel.workload(), spec.target, workload_name="main")
 
 
 def _break_even(points: list[tuple[float, float]]) -> float | None:
@@ -147,53 +110,47 @@ def _plot(results, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    threads = args.threads or os.cpu_count() or 1
+    args, threads, command = start(_parser(), "bsr_kernels.py", argv)
     set_num_threads(threads)
     spec = resolve_target("x86")
-    target = spec.target
-    timing = {"number": args.number, "repeat": args.repeat}
-    rng = np.random.default_rng(args.seed)
-    blocks = [tuple(int(v) for v in b.split("x")) for b in args.blocks]
+    timing = Timing(repeat=args.repeat, number=args.number, warmup=0)
+    blocks = [parse_block_size(b) for b in args.blocks]
     results, dense_rows = [], []
     scratch = tempfile.TemporaryDirectory(prefix="vitsparse-bench-db-")
     db = Path(args.db) if args.db else Path(scratch.name)
     for k, n in SHAPES:
-        print(f"{k}x{n}: dense kernel ({args.dense_trials} tuning trials)", file=sys.stderr)
-        tuned_timer, hand_timer = _dense_timers(
-            args.m, k, n, spec, rng, timing, db, args.dense_trials
-        )
-        dense_timer = tuned_timer or hand_timer
+        say(f"{k}x{n}: dense kernel ({args.dense_trials} tuning trials)")
+        case = dense_case(args.m, k, n, spec.target, seed=args.seed)
+        hand = _timer(case.mod, case, spec, timing, f"dense {k}x{n}")
+        tuned_sch = _tuned_dense(args.m, k, n, spec, db, args.dense_trials)
+        tuned = None if tuned_sch is None else _timer(tuned_sch.mod, case, spec, timing, "tuned")
+        reference = tuned or hand
         for block in blocks:
             for density in args.densities:
-                bsr_timer, actual = _bsr_timer(args.m, k, n, block, density, target, rng, timing)
+                sparse = bsr_case(args.m, k, n, block, density, spec.target, seed=args.seed)
+                what = f"{k}x{n} block {block[0]}x{block[1]} density {sparse.density:.2f}"
+                timer = _timer(sparse.mod, sparse, spec, timing, what)
                 # Alternating pairs, medians of each side: one noisy sample cannot make a point.
-                pairs = [(bsr_timer(), dense_timer()) for _ in range(args.pairs)]
-                ms = float(np.median([p[0] for p in pairs]))
-                dense_ms = float(np.median([p[1] for p in pairs]))
+                pairs = alternate({"bsr": timer, "dense": reference}, args.pairs)
+                ms, dense_ms = float(np.median(pairs["bsr"])), float(np.median(pairs["dense"]))
                 results.append(
                     {
                         "shape": f"{k}x{n}",
                         "block": f"{block[0]}x{block[1]}",
-                        "density": actual,
+                        "density": sparse.density,
                         "bsr_ms": ms,
                         "dense_ms": dense_ms,
                         "speedup": dense_ms / ms,
                     }
                 )
-                print(
-                    f"{k}x{n} block {block[0]}x{block[1]} density {actual:.2f}: "
-                    f"{ms:.3f} ms vs dense {dense_ms:.3f} ms",
-                    file=sys.stderr,
-                    flush=True,
-                )
-        pairs = [(dense_timer(), hand_timer()) for _ in range(args.pairs)]
+                say(f"{what}: {ms:.3f} ms vs dense {dense_ms:.3f} ms")
+        pairs = alternate({"reference": reference, "hand": hand}, args.pairs)
         dense_rows.append(
             {
                 "shape": f"{k}x{n}",
-                "reference_ms": float(np.median([p[0] for p in pairs])),
-                "hand_ms": float(np.median([p[1] for p in pairs])),
-                "tuned": tuned_timer is not None,
+                "reference_ms": float(np.median(pairs["reference"])),
+                "hand_ms": float(np.median(pairs["hand"])),
+                "tuned": tuned is not None,
             }
         )
     break_even = {
@@ -203,17 +160,13 @@ def main(argv: list[str] | None = None) -> int:
         for s in sorted({r["shape"] for r in results})
         for b in sorted({r["block"] for r in results})
     }
-    command = shlex.join(
-        ["python", "benchmarks/bsr_kernels.py", *(sys.argv[1:] if argv is None else argv)]
-    )
-    date = time.strftime("%Y-%m-%d %H:%M:%S %z")
     outdir = Path(args.outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     _plot(results, outdir / f"{STEM}.png")
     scratch.cleanup()
     suite = {
         "command": command,
-        "date": date,
+        "date": now(),
         "threads": threads,
         "dense_trials": args.dense_trials,
         "pairs": args.pairs,
@@ -223,9 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         "results": results,
         "break_even_density": break_even,
     }
-    write_text_atomic(outdir / f"{STEM}.json", json.dumps(suite, indent=2) + "\n")
-    write_text_atomic(outdir / f"{STEM}.md", _markdown(suite))
-    print(f"wrote {outdir / STEM}.json, .md and .png", file=sys.stderr)
+    write_suite(outdir, STEM, suite, _markdown(suite))
     return 0
 
 
@@ -234,8 +185,7 @@ def _markdown(suite) -> str:
     lines = [
         "# BSR kernel vs dense kernel on x86 (float32)",
         "",
-        f"- host: {host['cpu_model']} (LLVM `{host['llvm_cpu']}`, {host['simd']}), "
-        f"{suite['threads']} threads; date {suite['date']}",
+        host_line(host, f"{suite['threads']} threads; date {suite['date']}"),
         f"- M = {suite['m']} rows (deit_small tokens, batch 1); random block masks; dense = "
         + (
             f"the packed dense kernel of the same shape tuned by MetaSchedule "
@@ -301,8 +251,7 @@ def _parser() -> argparse.ArgumentParser:
         help="MetaSchedule trials for each dense kernel (0: the untuned hand schedule)",
     )
     p.add_argument("--db", metavar="DIR", help="tuning database to reuse (default: temporary)")
-    p.add_argument("--threads", type=int, help="default: os.cpu_count()")
-    p.add_argument("--outdir", default=str(REPO / "docs" / "results"), metavar="DIR")
+    add_output_args(p)
     return p
 
 

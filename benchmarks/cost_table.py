@@ -21,11 +21,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from _common import RESULTS, reproduce_block  # noqa: E402
+from _common import RESULTS, reproduce_block, say  # noqa: E402
 
 from vitsparse._io import write_text_atomic  # noqa: E402
-from vitsparse.targets.profile import GRIDS, profile  # noqa: E402
-from vitsparse.targets.rpc import RpcDevice  # noqa: E402
+from vitsparse.devices.rpc import RpcDevice  # noqa: E402
+from vitsparse.jobs.profile import GRIDS, profile  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -48,12 +48,12 @@ def main(argv=None) -> int:
         grid=args.grid,
         rpc=rpc,
         energy_seconds=args.energy_seconds,
-        progress=lambda m: print(m, file=sys.stderr, flush=True),
+        progress=say,
     )
     command = "python benchmarks/cost_table.py " + shlex.join(argv or sys.argv[1:])
     text = _markdown(table, args.grid, table_path, command.strip())
     write_text_atomic(outdir / f"profile_{name}{suffix}.md", text)
-    print(f"wrote {table_path} and {outdir / f'profile_{name}{suffix}.md'}", file=sys.stderr)
+    say(f"wrote {table_path} and {outdir / f'profile_{name}{suffix}.md'}")
     return 0
 
 

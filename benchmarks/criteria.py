@@ -18,23 +18,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import sys
 import time
 from pathlib import Path
 
-from _common import RESULTS, reproduce_block
+from _common import RESULTS, now, reproduce_block, say, start, write_suite
 
 import vitsparse
-from vitsparse._io import write_text_atomic
 from vitsparse.data.sources import load_images
-from vitsparse.evaluate import evaluate
 from vitsparse.frontend import load_torch_model
 from vitsparse.pruning.budget import Budget
 from vitsparse.pruning.cpvit import attention_stats, cpvit_plan
 from vitsparse.pruning.criteria import make_plan
+from vitsparse.pruning.evaluate import evaluate
 from vitsparse.pruning.upvit import importance, upvit_plan
-from vitsparse.report import host_info
+from vitsparse.targets import host_info
 
 STEM = "criteria"
 BUDGETS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
@@ -70,10 +68,6 @@ MODELS = {
 }
 
 
-def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 class _Plans:
     """Each method's plan at a budget; the budget-independent scores computed once."""
 
@@ -85,7 +79,7 @@ class _Plans:
         m, mid = self.model, self.model_id
         if method == "upvit":
             if self.upvit_scores is None:
-                self.upvit_scores = importance(m, self.proxy, progress=_say)
+                self.upvit_scores = importance(m, self.proxy, progress=say)
             return upvit_plan(m, self.proxy, budget, model_id=mid, scores=self.upvit_scores)
         if method == "cpvit":
             if self.cpvit_stats is None:
@@ -98,10 +92,7 @@ class _Plans:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    command = shlex.join(
-        ["python", "benchmarks/criteria.py", *(sys.argv[1:] if argv is None else argv)]
-    )
+    args, _, command = start(_parser(), "criteria.py", argv)
     rows = []
     for name in args.models:
         model, model_id = load_torch_model(name)
@@ -113,9 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         plans = _Plans(model, model_id, calib, calib[:proxy])
         for fraction in args.budgets:
             for method in args.methods:
-                start = time.perf_counter()
+                began = time.perf_counter()
                 plan = plans(method, Budget("flops", fraction))
-                seconds = time.perf_counter() - start
+                seconds = time.perf_counter() - began
                 report = evaluate(model, data, plan)
                 row = {
                     "model": name,
@@ -126,19 +117,12 @@ def main(argv: list[str] | None = None) -> int:
                     **report.to_json(),
                 }
                 rows.append(row)
-                _say(json.dumps(row))
-    suite = {
-        "command": command,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-        "host": host_info(),
-        "rows": rows,
-    }
+                say(json.dumps(row))
+    suite = {"command": command, "date": now(), "host": host_info(), "rows": rows}
     outdir = Path(args.outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     _plot(rows, outdir / f"{STEM}.png")
-    write_text_atomic(outdir / f"{STEM}.json", json.dumps(suite, indent=2) + "\n")
-    write_text_atomic(outdir / f"{STEM}.md", _markdown(suite))
-    print(f"wrote {outdir / STEM}.json, .md and .png", file=sys.stderr)
+    write_suite(outdir, STEM, suite, _markdown(suite))
     return 0
 
 

@@ -1,6 +1,6 @@
 """Dense baseline on this x86 machine: PyTorch eager, ONNX Runtime and TVM (no pruning).
 
-Runs :func:`vitsparse.report.bench` for each model and batch size and writes
+Runs :func:`vitsparse.jobs.bench.bench` for each model and batch size and writes
 ``docs/results/dense_x86.json`` (every report) and ``docs/results/dense_x86.md`` (a summary
 table, then one table per model and batch, with the host, thread count, date and the command
 line that produced them). Both files are written only after every run succeeded.
@@ -13,18 +13,15 @@ line that produced them). Both files are written only after every run succeeded.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import shlex
 import sys
-import time
-from pathlib import Path
 
+import _common
 import numpy as np
-from _common import add_common_args, reproduce_block
 
-from vitsparse.compiler import compile_model
-from vitsparse.report import BenchReport, bench, host_info, write_text_atomic
+from vitsparse.jobs.bench import bench
+from vitsparse.jobs.bench_report import BenchReport
+from vitsparse.jobs.compile import compile_model
+from vitsparse.targets import host_info
 
 MODELS = ("deit_tiny_patch16_224", "deit_small_patch16_224")
 BATCHES = (1, 8)
@@ -33,9 +30,7 @@ STEM = "dense_x86"
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    command = _command_line(sys.argv[1:] if argv is None else argv)
-    threads = args.threads or os.cpu_count() or 1
+    args, threads, command = _common.start(_parser(), "dense.py", argv)
     reports: list[BenchReport] = []
     for model in args.models:
         for batch in args.batches:
@@ -47,17 +42,16 @@ def main(argv: list[str] | None = None) -> int:
                 repeat=args.repeat,
                 number=args.number,
                 db=args.db,
-                progress=lambda line: print(line, file=sys.stderr, flush=True),
+                progress=_common.say,
             )
             print(report.table() + "\n", flush=True)
             reports.append(report)
     profiles = {}
     if args.profile:
         for model in args.models:
-            print(f"[profile] {model}, batch 1", file=sys.stderr, flush=True)
+            _common.say(f"[profile] {model}, batch 1")
             profiles[model] = _profile(model, db=args.db)
-    host = host_info()
-    date = time.strftime("%Y-%m-%d %H:%M:%S %z")
+    host, date = host_info(), _common.now()
     suite = {
         "format": "vitsparse-bench-suite/1",
         "command": command,
@@ -67,11 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         "reports": [r.to_json() for r in reports],
         "profiles": {m: [k.to_json() for k in rows] for m, rows in profiles.items()},
     }
-    outdir = Path(args.outdir)
-    write_text_atomic(outdir / f"{STEM}.json", json.dumps(suite, indent=2) + "\n")
     markdown = _markdown(reports, command, date, threads, host) + _profile_markdown(profiles)
-    write_text_atomic(outdir / f"{STEM}.md", markdown)
-    print(f"wrote {outdir / STEM}.json and .md", file=sys.stderr)
+    _common.write_suite(args.outdir, STEM, suite, markdown)
     return 0
 
 
@@ -79,13 +70,14 @@ def _markdown(reports: list[BenchReport], command: str, date: str, threads: int,
     lines = [
         "# Dense baseline on x86: PyTorch eager vs ONNX Runtime vs TVM",
         "",
-        f"- host: {host['cpu_model']} (LLVM `{host['llvm_cpu']}`, {host['simd']}), "
-        f"{host['physical_cores']} physical cores, {host['logical_cpus']} logical CPUs",
+        _common.host_line(
+            host, f"{host['physical_cores']} physical cores, {host['logical_cpus']} logical CPUs"
+        ),
         f"- threads per runtime: {threads}",
         f"- date: {date}",
         "- latency: median of `repeat` samples, each the mean of `number` runs, after warm-up;"
         " random weights, one seeded random input per model and batch",
-        *reproduce_block(command),
+        *_common.reproduce_block(command),
         "| model | batch | torch-eager ms | onnxruntime ms | tvm-dense ms | tvm / torch |",
         "| ----- | ----: | -------------: | -------------: | -----------: | ----------: |",
     ]
@@ -134,15 +126,6 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
-def _command_line(argv: list[str]) -> str:
-    script = Path(__file__).resolve()
-    try:
-        shown = script.relative_to(Path.cwd())
-    except ValueError:
-        shown = script
-    return shlex.join(["python", str(shown), *argv])
-
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=list(MODELS), metavar="NAME")
@@ -154,7 +137,7 @@ def _parser() -> argparse.ArgumentParser:
         action="store_false",
         help="skip the per-kernel profile of each model at batch 1",
     )
-    add_common_args(p, number=5)
+    _common.add_common_args(p, number=5)
     return p
 
 

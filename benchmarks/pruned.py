@@ -2,8 +2,9 @@
 (dense and pruned), measured side by side in one process.
 
 For each model and block spec, makes a plan with every qkv/proj/fc1/fc2 layer keeping the given
-fraction of its blocks (random and magnitude masks), and runs ``vitsparse.report.bench`` with the
-dense and pruned rows. Writes ``docs/results/pruned_x86.json`` and ``docs/results/pruned_x86.md``.
+fraction of its blocks (random and magnitude masks), and runs ``vitsparse.jobs.bench.bench``
+with the dense and pruned rows. Writes ``docs/results/pruned_x86.json`` and
+``docs/results/pruned_x86.md``.
 
     python benchmarks/pruned.py            # deit_small, 32x32 blocks, keep 0.5
     python benchmarks/pruned.py --models deit_tiny_patch16_224 --blocks 32x32:0.3
@@ -12,27 +13,20 @@ dense and pruned rows. Writes ``docs/results/pruned_x86.json`` and ``docs/result
 from __future__ import annotations
 
 import argparse
-import os
-import shlex
 import sys
 
-from _common import add_common_args, reproduce_block, write_bench_runs
+import _common
 
 from vitsparse.frontend import load_torch_model
 from vitsparse.pruning import block_mask_plan, parse_block_spec
-from vitsparse.report import bench
 
-RUNTIMES = ("torch-eager", "torch-pruned", "tvm-dense", "tvm-pruned")
+RUNTIMES = _common.PRUNED_ROWS
+TITLE = "Block-pruned ViTs on x86: TVM with BSR kernels vs dense, and vs PyTorch"
 STEM = "pruned_x86"
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    threads = args.threads or os.cpu_count() or 1
-    command = shlex.join(
-        ["python", "benchmarks/pruned.py", *(sys.argv[1:] if argv is None else argv)]
-    )
-    say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    args, threads, command = _common.start(_parser(), "pruned.py", argv)
     runs = []
     for model_name in args.models:
         model, model_id = load_torch_model(model_name)  # one set of (random) weights per model
@@ -42,43 +36,29 @@ def main(argv: list[str] | None = None) -> int:
                 plan = block_mask_plan(
                     model, model_id=model_id, block=block, keep=keep, method=method, seed=0
                 )
-                report = bench(
-                    model,
-                    target="x86",
-                    threads=threads,
-                    repeat=args.repeat,
-                    number=args.number,
-                    plan=plan,
-                    include=RUNTIMES,
-                    progress=say,
-                )
-                print(report.table() + "\n", flush=True)
+                report = _common.bench_plan(model, plan, args, threads)
                 runs.append(
                     {"model": model_name, "blocks": spec, "method": method, "report": report}
                 )
-    write_bench_runs(args.outdir, STEM, command, threads, runs, _markdown)
+    _common.write_bench_runs(args.outdir, STEM, command, threads, runs, _markdown)
     return 0
 
 
 def _markdown(runs, command, date, threads, host) -> str:
     lines = [
-        "# Block-pruned ViTs on x86: TVM with BSR kernels vs dense, and vs PyTorch",
-        "",
-        f"- host: {host['cpu_model']} (LLVM `{host['llvm_cpu']}`, {host['simd']}), "
-        f"{threads} threads per runtime; date {date}; batch 1; random model weights",
+        *_common.pruned_page_head(TITLE, host, threads, date),
         "- every qkv/proj/fc1/fc2 layer keeps the given fraction of its blocks; torch-pruned is "
         "the masked model in PyTorch (dense kernels on zeroed weights), and the reference that "
         "tvm-pruned is checked against",
         "- latency: median of `repeat` samples, each the mean of `number` runs, after warm-up",
-        *reproduce_block(command),
+        *_common.reproduce_block(command),
         "| model | blocks:keep | mask | torch-eager ms | torch-pruned ms | tvm-dense ms "
         "| tvm-pruned ms | pruned vs tvm-dense | pruned vs torch-eager | max err vs torch-pruned |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for run in runs:
-        rows = {row.runtime: row for row in run["report"].rows}
-        ms = {name: rows[name].median_ms for name in RUNTIMES}
-        err = rows["tvm-pruned"].max_abs_err_vs_torch
+        ms = {name: run["report"].row(name).median_ms for name in RUNTIMES}
+        err = run["report"].row("tvm-pruned").max_abs_err_vs_torch
         lines.append(
             f"| {run['model']} | {run['blocks']} | {run['method']} | {ms['torch-eager']:.2f} "
             f"| {ms['torch-pruned']:.2f} | {ms['tvm-dense']:.2f} | {ms['tvm-pruned']:.2f} "
@@ -96,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--methods", nargs="+", default=["random", "magnitude"], choices=["random", "magnitude"]
     )
-    add_common_args(p, number=5)
+    _common.add_common_args(p, number=5)
     return p
 
 

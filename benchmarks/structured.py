@@ -1,8 +1,8 @@
 """Structurally pruned ViTs on this x86 machine: compiled pruned vs compiled dense (and PyTorch),
 side by side in one process, with the FLOPs ratio beside the latency ratio.
 
-For each model and structural budget (magnitude criteria: `vitsparse.pruning.structure`), makes
-the plan, runs ``vitsparse.report.bench`` with the dense and pruned rows (PyTorch too, and the
+For each model and structural budget (magnitude criteria: `vitsparse.pruning.fractions`), makes
+the plan, runs ``vitsparse.jobs.bench.bench`` with the dense and pruned rows (PyTorch too, and the
 error against the pruned PyTorch model), counts the FLOPs of both (``vitsparse.flops``), and then
 times compiled dense and compiled pruned alternately in ``--rounds`` rounds: the headline ratio is
 the median over rounds of each round's ratio, so a slow spell of the (shared) machine hits both
@@ -15,20 +15,19 @@ sides. Writes ``docs/results/structured_x86.json`` and ``.md``.
 from __future__ import annotations
 
 import argparse
-import os
-import shlex
 import sys
 
+import _common
 import numpy as np
-from _common import add_common_args, reproduce_block, write_bench_runs
 
 import vitsparse
-from vitsparse.compiler import compile_model, set_num_threads
+from vitsparse.devices import set_num_threads
 from vitsparse.frontend import load_torch_model
+from vitsparse.jobs.compile import compile_model
 from vitsparse.pruning import compose_plan, structure_plan
-from vitsparse.report import bench
 
-RUNTIMES = ("torch-eager", "torch-pruned", "tvm-dense", "tvm-pruned")
+RUNTIMES = _common.PRUNED_ROWS
+TITLE = "Structurally pruned ViTs on x86: compiled pruned vs compiled dense"
 STEM = "structured_x86"
 # name -> structure_plan arguments
 BUDGETS = {
@@ -38,12 +37,7 @@ BUDGETS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    threads = args.threads or os.cpu_count() or 1
-    command = shlex.join(
-        ["python", "benchmarks/structured.py", *(sys.argv[1:] if argv is None else argv)]
-    )
-    say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    args, threads, command = _common.start(_parser(), "structured.py", argv)
     runs = []
     for model_name in args.models:
         model, model_id = load_torch_model(model_name)
@@ -51,19 +45,11 @@ def main(argv: list[str] | None = None) -> int:
         for budget in args.budgets:
             structure = structure_plan(model, method="magnitude", **BUDGETS[budget])
             plan = compose_plan(model, model_id=model_id, method="magnitude", structure=structure)
-            report = bench(
-                model,
-                target="x86",
-                threads=threads,
-                repeat=args.repeat,
-                number=args.number,
-                plan=plan,
-                include=RUNTIMES,
-                progress=say,
-            )
-            print(report.table() + "\n", flush=True)
+            report = _common.bench_plan(model, plan, args, threads)
             rounds = _interleaved(model, plan, args, threads)
-            say(f"[structured] {budget}: pruned/dense per round {[round(r, 3) for r in rounds]}")
+            _common.say(
+                f"[structured] {budget}: pruned/dense per round {[round(r, 3) for r in rounds]}"
+            )
             runs.append(
                 {
                     "model": model_name,
@@ -74,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
                     "report": report,
                 }
             )
-    write_bench_runs(args.outdir, STEM, command, threads, runs, _markdown)
+    _common.write_bench_runs(args.outdir, STEM, command, threads, runs, _markdown)
     return 0
 
 
@@ -84,42 +70,40 @@ def _interleaved(model, plan, args, threads) -> list[float]:
     dense = compile_model(model, target="x86")
     pruned = compile_model(model, target="x86", plan=plan)
     x = np.random.default_rng(0).standard_normal(dense.input_shape, dtype=np.float32)
-    ratios = []
-    for _ in range(args.rounds):
-        d = dense.time(x, repeat=args.repeat, number=args.number).median_ms
-        p = pruned.time(x, repeat=args.repeat, number=args.number).median_ms
-        ratios.append(p / d)
-    return ratios
+    rounds = _common.alternate(
+        {
+            "dense": lambda: dense.time(x, repeat=args.repeat, number=args.number).median_ms,
+            "pruned": lambda: pruned.time(x, repeat=args.repeat, number=args.number).median_ms,
+        },
+        args.rounds,
+    )
+    return [p / d for p, d in zip(rounds["pruned"], rounds["dense"], strict=True)]
 
 
 def _markdown(runs, command, date, threads, host) -> str:
     lines = [
-        "# Structurally pruned ViTs on x86: compiled pruned vs compiled dense",
-        "",
-        f"- host: {host['cpu_model']} (LLVM `{host['llvm_cpu']}`, {host['simd']}), "
-        f"{threads} threads per runtime; date {date}; batch 1; random model weights",
-        "- magnitude criteria (vitsparse.pruning.structure); torch-pruned is the plan applied to "
+        *_common.pruned_page_head(TITLE, host, threads, date),
+        "- magnitude criteria (vitsparse.pruning.fractions); torch-pruned is the plan applied to "
         "the PyTorch model (apply_plan_to_torch), the reference tvm-pruned is checked against",
         "- FLOPs: vitsparse.flops (MACs of the matmuls and the patch embedding); latency: median "
         "of `repeat` samples, each the mean of `number` runs, after warm-up",
         "- latency ratio (headline): compiled pruned over compiled dense, timed alternately in "
         "rounds, median of the rounds' ratios; the ms columns and the tables below are from the "
         "one-after-the-other bench run",
-        *reproduce_block(command),
+        *_common.reproduce_block(command),
         "| model | budget | FLOPs pruned/dense | latency pruned/dense (rounds) | speedup "
         "| latency ratio / FLOPs ratio | tvm-dense ms | tvm-pruned ms | max err vs torch-pruned |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for run in runs:
-        rows = {row.runtime: row for row in run["report"].rows}
-        dense, pruned = rows["tvm-dense"].median_ms, rows["tvm-pruned"].median_ms
+        dense, pruned = (run["report"].row(name) for name in ("tvm-dense", "tvm-pruned"))
         latency = run["latency_ratio"]
         spread = f"{min(run['latency_ratio_rounds']):.3f}-{max(run['latency_ratio_rounds']):.3f}"
         lines.append(
             f"| {run['model']} | {run['budget']} | {run['flops_ratio']:.3f} "
             f"| {latency:.3f} ({spread}) | {1 / latency:.2f}x "
-            f"| {latency / run['flops_ratio']:.2f} | {dense:.2f} | {pruned:.2f} "
-            f"| {rows['tvm-pruned'].max_abs_err_vs_torch:.1e} |"
+            f"| {latency / run['flops_ratio']:.2f} | {dense.median_ms:.2f} "
+            f"| {pruned.median_ms:.2f} | {pruned.max_abs_err_vs_torch:.1e} |"
         )
     lines += ["", ""]
     return "\n".join(lines) + "\n".join(r["report"].to_markdown() for r in runs)
@@ -132,7 +116,7 @@ def _parser() -> argparse.ArgumentParser:
         "--budgets", nargs="+", default=list(BUDGETS), choices=list(BUDGETS), metavar="BUDGET"
     )
     p.add_argument("--rounds", type=int, default=5, help="alternating dense/pruned timings")
-    add_common_args(p, number=5)
+    _common.add_common_args(p, number=5)
     return p
 
 

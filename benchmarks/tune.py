@@ -12,44 +12,26 @@ with the tuned database) and times both side by side with PyTorch eager in one p
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import shlex
 import sys
 import tempfile
-import time
 from pathlib import Path
 
+import _common
 import numpy as np
 import torch
-from _common import add_common_args, reproduce_block
 
-from vitsparse.compiler import compile_imported, set_num_threads
+from vitsparse.devices import Timing, set_num_threads, time_call
 from vitsparse.frontend import import_model
-from vitsparse.report import host_info, write_text_atomic
-from vitsparse.schedules.tuning import tune
+from vitsparse.jobs.compile import compile_imported
+from vitsparse.jobs.tune import tune
+from vitsparse.targets import host_info
 
 TARGET = "x86"
 STEM = "tune_x86"
 
 
-def _torch_ms(model, x, *, repeat, number) -> float:
-    with torch.inference_mode():
-        xt = torch.from_numpy(x)
-        for _ in range(3):
-            model(xt)
-        samples = []
-        for _ in range(repeat):
-            start = time.perf_counter()
-            for _ in range(number):
-                model(xt)
-            samples.append((time.perf_counter() - start) / number)
-    return float(np.median(samples) * 1e3)
-
-
 def _run(model_name: str, db: Path, args) -> dict:
-    say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
-    report = tune(model_name, target=TARGET, db=db, trials=args.trials, progress=say)
+    report = tune(model_name, target=TARGET, db=db, trials=args.trials, progress=_common.say)
     imported = import_model(model_name)
     x = np.random.default_rng(0).standard_normal(imported.input_shape, dtype=np.float32)
     hand = compile_imported(imported, target=TARGET)
@@ -60,14 +42,22 @@ def _run(model_name: str, db: Path, args) -> dict:
         "hand": float(np.abs(hand.run(x) - ref).max()),
         "tuned": float(np.abs(tuned.run(x) - ref).max()),
     }
-    # Interleave the three so that machine noise hits them alike; median of the rounds.
-    rounds = {"torch-eager": [], "tvm-hand": [], "tvm-tuned": []}
-    for _ in range(args.rounds):
-        rounds["torch-eager"].append(
-            _torch_ms(imported.torch_model, x, repeat=args.repeat, number=args.number)
-        )
-        rounds["tvm-hand"].append(hand.time(x, repeat=args.repeat, number=args.number).median_ms)
-        rounds["tvm-tuned"].append(tuned.time(x, repeat=args.repeat, number=args.number).median_ms)
+    # The three take turns, so that machine noise hits them alike; median of the rounds.
+    timing = Timing(repeat=args.repeat, number=args.number)
+    xt = torch.from_numpy(x)
+
+    def torch_ms() -> float:
+        with torch.inference_mode():
+            return time_call(lambda: imported.torch_model(xt), timing).median_ms
+
+    rounds = _common.alternate(
+        {
+            "torch-eager": torch_ms,
+            "tvm-hand": lambda: hand.time(x, repeat=args.repeat, number=args.number).median_ms,
+            "tvm-tuned": lambda: tuned.time(x, repeat=args.repeat, number=args.number).median_ms,
+        },
+        args.rounds,
+    )
     medians = {k: float(np.median(v)) for k, v in rounds.items()}
     return {
         "model": model_name,
@@ -83,13 +73,12 @@ def _markdown(results, command, date, threads, host) -> str:
     lines = [
         "# Tuning on x86: default budget, time taken and what it buys",
         "",
-        f"- host: {host['cpu_model']} (LLVM `{host['llvm_cpu']}`, {host['simd']}), "
-        f"{threads} threads; date {date}",
+        _common.host_line(host, f"{threads} threads; date {date}"),
         "- tvm-hand: hand-written schedules only; tvm-tuned: with the tuning database (each "
         "kernel's best record, the hand schedule included as a record)",
         f"- latency: median over {results[0]['rounds']} interleaved rounds (torch, hand, tuned), "
         "each round the median of `repeat` samples of `number` runs; batch 1",
-        *reproduce_block(command),
+        *_common.reproduce_block(command),
         "| model | budget (trials) | tuning time | kernels | torch ms | tvm-hand ms | tvm-tuned ms "
         "| tuned / hand | tuned / torch |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -123,12 +112,9 @@ def _markdown(results, command, date, threads, host) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    threads = args.threads or os.cpu_count() or 1
+    args, threads, command = _common.start(_parser(), "tune.py", argv)
     set_num_threads(threads)
     torch.set_num_threads(threads)
-    shown = sys.argv[1:] if argv is None else argv
-    command = shlex.join(["python", "benchmarks/tune.py", *shown])
     results = []
     with tempfile.TemporaryDirectory(prefix="vitsparse-tune-db-") as fresh:
         db = Path(args.db) if args.db else Path(fresh)
@@ -136,13 +122,9 @@ def main(argv: list[str] | None = None) -> int:
             result = _run(model, db, args)
             result["rounds"] = args.rounds
             results.append(result)
-    date = time.strftime("%Y-%m-%d %H:%M:%S %z")
-    host = host_info()
+    date, host = _common.now(), host_info()
     suite = {"command": command, "date": date, "threads": threads, "host": host, "results": results}
-    outdir = Path(args.outdir)
-    write_text_atomic(outdir / f"{STEM}.json", json.dumps(suite, indent=2) + "\n")
-    write_text_atomic(outdir / f"{STEM}.md", _markdown(results, command, date, threads, host))
-    print(f"wrote {outdir / STEM}.json and .md", file=sys.stderr)
+    _common.write_suite(args.outdir, STEM, suite, _markdown(results, command, date, threads, host))
     return 0
 
 
@@ -152,7 +134,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=int, help="total budget per model (default: tune's default)")
     p.add_argument("--db", metavar="DIR", help="database root to continue (default: a fresh one)")
     p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (default 5)")
-    add_common_args(p, number=3)
+    _common.add_common_args(p, number=3)
     return p
 
 

@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from vitsparse.compiler import compile_model
+from vitsparse.jobs.compile import compile_model
 from vitsparse.plan import apply_plan_to_torch
 
 

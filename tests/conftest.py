@@ -11,7 +11,7 @@ def _two_threads():
     """Pin TVM's and torch's thread pools to the machine's cores for every test."""
     import torch
 
-    from vitsparse.compiler import set_num_threads
+    from vitsparse.devices import set_num_threads
 
     threads = os.cpu_count() or 1
     set_num_threads(threads)

@@ -10,15 +10,16 @@ import pytest
 import torch
 
 from vitsparse.cli import main
-from vitsparse.compiler import compile_model
+from vitsparse.devices import Timing, measure
+from vitsparse.devices.qemu import ARM_QEMU_KEY, arm_python, start_arm_server
+from vitsparse.devices.rpc import RpcDevice, start_tracker
 from vitsparse.errors import TargetError
 from vitsparse.frontend import load_torch_model
 from vitsparse.frontend.testing import tiny_vit
+from vitsparse.jobs.bench import bench
+from vitsparse.jobs.compile import compile_model
 from vitsparse.plan import apply_plan_to_torch
 from vitsparse.pruning.block_mask import block_mask_plan
-from vitsparse.report import bench
-from vitsparse.targets.qemu import ARM_QEMU_KEY, arm_python, start_arm_server
-from vitsparse.targets.rpc import RpcDevice, remote_run, start_tracker
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +57,8 @@ def test_deit_tiny_runs_on_the_emulated_arm_device(arm_device, deit, pruned):
         assert {d["kernel"] for d in compiled.sparsity_decisions} == {"bsr"}
         assert len(compiled.sparsity_decisions) == 48
     x = np.random.default_rng(3).standard_normal(compiled.input_shape, dtype=np.float32)
-    result = remote_run(compiled, x, arm_device, repeat=1, number=1, warmup=0)
+    timing = Timing(repeat=1, number=1, warmup=0)
+    result = measure(compiled.executable, compiled.spec, [x], rpc=arm_device, timing=timing)
     with torch.no_grad():
         expect = (apply_plan_to_torch(model, plan) if pruned else model)(torch.from_numpy(x))
     np.testing.assert_allclose(result.output, expect.numpy(), rtol=0, atol=1e-4)
@@ -108,7 +110,7 @@ def test_profile_on_the_emulated_device(arm_device, tmp_path, monkeypatch):
 
     from test_profile import TINY
 
-    from vitsparse.targets.profile import GRIDS, profile
+    from vitsparse.jobs.profile import GRIDS, profile
 
     grid = dataclasses.replace(TINY, k=(64,), densities=(0.5,), head_dim=(16,), held_out=1)
     monkeypatch.setitem(GRIDS, "small", grid)

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from vitsparse._tvm import relax, tvm
-from vitsparse.compiler import compile_model
 from vitsparse.errors import PlanError
 from vitsparse.frontend import import_model
 from vitsparse.frontend.testing import tiny_vit
+from vitsparse.jobs.compile import compile_model
 from vitsparse.passes import pipeline
 from vitsparse.passes.annotate_pruning import PRUNING_ATTR, AnnotatePruning
 from vitsparse.passes.block_sparsify import BlockSparsify

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import shutil
@@ -217,13 +216,6 @@ def _corrupt_database(root: Path) -> Path:
     return root
 
 
-def _has_module(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except ModuleNotFoundError:
-        return False
-
-
 BAD_COMPILES = {
     "unknown model": (lambda tmp, onnx: ["deit_tinyy"], "unknown timm model 'deit_tinyy'"),
     "not a ViT": (lambda tmp, onnx: ["resnet18"], "resnet18"),
@@ -246,19 +238,7 @@ BAD_COMPILES = {
 
 @pytest.mark.parametrize(
     "case",
-    [
-        pytest.param(
-            name,
-            marks=pytest.mark.xfail(
-                not _has_module("vitsparse.schedules.database"),
-                reason="the tuning database module is not written yet",
-                strict=False,
-            )
-            if name == "corrupt database"
-            else (),
-        )
-        for name in BAD_COMPILES
-    ],
+    list(BAD_COMPILES),
 )
 def test_bad_input_exits_with_a_message_and_writes_nothing(capsys, tmp_path, tiny_onnx, case):
     make_args, expected = BAD_COMPILES[case]

@@ -13,14 +13,10 @@ import torch
 from vitsparse._io import write_text_atomic
 from vitsparse.errors import PlanError
 from vitsparse.frontend.testing import tiny_vit
+from vitsparse.jobs.bench import DEFAULT_RUNTIMES, KNOWN_RUNTIMES, bench
+from vitsparse.jobs.bench_report import PRUNED_RUNTIMES, BenchReport
 from vitsparse.plan import apply_plan_to_torch
 from vitsparse.pruning import block_mask_plan
-from vitsparse.report import (
-    DEFAULT_RUNTIMES,
-    PRUNED_RUNTIMES,
-    BenchReport,
-    bench,
-)
 
 TOLERANCE = 1e-4
 
@@ -226,7 +222,7 @@ class _TenWatts:
 
 
 def test_energy_columns_where_a_meter_exists(monkeypatch):
-    from vitsparse.targets import meters
+    from vitsparse.devices import meters
 
     monkeypatch.setitem(meters.METERS, "cpu", _TenWatts)
     report = bench(
@@ -248,7 +244,7 @@ def test_energy_columns_where_a_meter_exists(monkeypatch):
 
 
 def test_no_meter_leaves_energy_null_and_says_why(tiny_report):
-    from vitsparse.targets.meters import RaplMeter
+    from vitsparse.devices.meters import RaplMeter
 
     if RaplMeter().available:
         pytest.skip("this host has RAPL")
@@ -256,3 +252,9 @@ def test_no_meter_leaves_energy_null_and_says_why(tiny_report):
     assert all(r.energy_j is None and r.watts is None for r in report.rows)
     assert report.meters["cpu"].startswith("unavailable: no /sys/class/powercap")
     assert report.to_json()["rows"][0]["energy_j"] is None
+
+
+def test_every_runtime_has_a_runner():
+    from vitsparse.jobs.bench_runtimes import RUNNERS
+
+    assert tuple(RUNNERS) == KNOWN_RUNTIMES

@@ -14,7 +14,7 @@ from vitsparse.frontend.testing import tiny_vit
 from vitsparse.plan import PruningPlan, validate_plan
 from vitsparse.pruning.budget import Budget
 from vitsparse.pruning.criteria import CRITERIA, criterion, make_plan, parse_knob_args
-from vitsparse.pruning.structure import magnitude_scores
+from vitsparse.pruning.fractions import magnitude_scores
 
 FAST = {"nvit": {"steps": 2}}  # knobs that keep the unit tests quick
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from vitsparse._tvm import tvm
-from vitsparse.compiler import compile_model
 from vitsparse.frontend import load_torch_model
+from vitsparse.jobs.compile import compile_model
 from vitsparse.plan import apply_plan_to_torch
 from vitsparse.pruning.block_mask import block_mask_plan
 
@@ -64,7 +64,7 @@ def test_deit_runs_on_the_gpu_and_matches_pytorch(name, pruned):
 
 @pytest.mark.gpu
 def test_bench_times_pytorch_on_the_same_gpu():
-    from vitsparse.report import bench
+    from vitsparse.jobs.bench import bench
 
     arch = _gpu_arch()
     report = bench(

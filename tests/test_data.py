@@ -8,11 +8,10 @@ from vitsparse.cli import main
 from vitsparse.data import digits
 from vitsparse.data.sources import load_images
 from vitsparse.errors import DataError, ModelError
-from vitsparse.evaluate import evaluate
 from vitsparse.frontend import load_torch_model
-from vitsparse.plan import PruningPlan, weights_hash
-from vitsparse.plan_structure import Structure
+from vitsparse.plan import PruningPlan, Structure, weights_hash
 from vitsparse.pruning import compose_plan, structure_plan
+from vitsparse.pruning.evaluate import evaluate
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,8 @@
 """The LPViT criterion: a valid plan that meets its FLOPs budget, deterministic, compiled equal to
 PyTorch, the sign of the cost term, and bad input."""
 
+import re
+
 import pytest
 import torch
 from _compiled import assert_compiled_matches_torch
@@ -107,7 +109,10 @@ def test_prune_cli_with_a_budget(capsys, tmp_path):
     )
     printed = capsys.readouterr().out
     assert code == 0 and PruningPlan.load(out).method == "lpvit"
-    assert "predicted 60.0% of the model's FLOPs kept" in printed
+    # The budget holds, to within LPViT's granularity (16x16 blocks of a small model; where in
+    # it the allocation stops depends on the digits ViT this host trained).
+    kept = re.search(r"predicted ([0-9.]+)% of the model's FLOPs kept", printed)
+    assert kept and 59.0 <= float(kept.group(1)) <= 60.0, printed
     assert "fidelity  on digits-train (64 images): top-1 agreement" in printed
     code = main(["prune", DIGITS_MODEL, "--method", "lpvit", "-o", str(out)])
     assert code == 2 and "lpvit needs a budget" in capsys.readouterr().err

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from vitsparse.targets.meters import Ina3221Meter, NvmlMeter, RaplMeter, measure
+from vitsparse.devices.meters import Ina3221Meter, NvmlMeter, RaplMeter, measure_energy
 
 
 def _zone(root, name, label, energy, span=2**32 - 1):
@@ -38,7 +38,7 @@ def test_rapl_unavailable_says_why(tmp_path):
     empty = RaplMeter(tmp_path)
     assert not empty.available and "no RAPL package zone" in empty.reason
     with pytest.raises(RuntimeError, match="rapl meter unavailable: no RAPL package zone"):
-        measure(lambda: None, empty)
+        measure_energy(lambda: None, empty)
 
 
 def test_ina3221_rails_are_sampled_and_integrated(tmp_path):
@@ -51,7 +51,7 @@ def test_ina3221_rails_are_sampled_and_integrated(tmp_path):
     assert meter.available and meter.rails == ["VDD_IN", "VDD_CPU"]
     assert meter.watts_now() == pytest.approx(5.0)
     only = Ina3221Meter([tmp_path / "ina3221x"], rails=("VDD_IN",))
-    reading = measure(lambda: time.sleep(0.01), only, min_seconds=0.3)
+    reading = measure_energy(lambda: time.sleep(0.01), only, min_seconds=0.3)
     assert reading.watts == pytest.approx(4.0, rel=0.05)  # a constant 4 W rail
     assert reading.energy_j == pytest.approx(reading.joules / reading.count)
     assert reading.count >= 10

@@ -10,11 +10,9 @@ from _compiled import assert_compiled_matches_torch
 from vitsparse.data.sources import load_images
 from vitsparse.errors import DataError, PlanError
 from vitsparse.frontend.testing import tiny_vit
-from vitsparse.plan import validate_plan
-from vitsparse.plan_structure import Structure
+from vitsparse.plan import Structure, apply_structure, validate_plan
 from vitsparse.pruning.budget import Budget, FlopsCost
 from vitsparse.pruning.nvit import nvit_plan, unit_gradients
-from vitsparse.pruning.structured_torch import apply_structure
 
 
 @pytest.fixture(scope="module")

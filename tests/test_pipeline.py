@@ -5,11 +5,12 @@ import pytest
 import torch
 
 from vitsparse._tvm import Schedule, Target, relax, tir, tvm
-from vitsparse.compiler import compile_model
 from vitsparse.frontend import import_model
 from vitsparse.frontend.testing import tiny_vit
+from vitsparse.jobs.compile import compile_model
 from vitsparse.passes import pipeline
 from vitsparse.schedules import dense
+from vitsparse.targets import resolve_target
 
 TARGET = Target({"kind": "llvm"})
 
@@ -126,7 +127,7 @@ def test_every_kernel_is_scheduled():
 
 def test_dump_dir_writes_each_phase(tmp_path):
     compile_model(tiny_vit(depth=2), target="x86", dump_dir=tmp_path)
-    for phase in ("rewrite", "legalize", "fuse", "schedule"):
+    for phase in pipeline.PHASES:
         assert (tmp_path / f"{phase}.py").stat().st_size > 0
 
 
@@ -161,3 +162,14 @@ def test_compiled_zoo_matches_pytorch(name):
     x = np.random.default_rng(3).standard_normal(compiled.input_shape, dtype=np.float32)
     err = np.abs(compiled.run(x) - _torch_out(compiled.imported.torch_model, x)).max()
     assert err <= 1e-4, err
+
+
+def test_the_pipeline_is_registered_with_tvm():
+    model = tiny_vit(depth=1)
+    imported = import_model(model)
+    target = resolve_target("x86").target
+    pipeline_pass = relax.get_pipeline("vitsparse", params=imported.params)
+    executable = tvm.compile(imported.mod, target, relax_pipeline=pipeline_pass)
+    x = np.random.default_rng(5).standard_normal(imported.input_shape, dtype=np.float32)
+    out = relax.VirtualMachine(executable, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    np.testing.assert_allclose(out, _torch_out(model, x), rtol=0, atol=1e-4)

@@ -13,6 +13,7 @@ import torch
 
 from vitsparse.errors import PlanError
 from vitsparse.frontend.testing import tiny_vit
+from vitsparse.jobs.prune import prune
 from vitsparse.plan import (
     BlockMask,
     PruningPlan,
@@ -20,7 +21,7 @@ from vitsparse.plan import (
     validate_plan,
     weights_hash,
 )
-from vitsparse.pruning import DEFAULT_LAYERS, block_mask_plan, parse_block_spec, prune
+from vitsparse.pruning import DEFAULT_LAYERS, block_mask_plan, parse_block_spec
 
 TINY_LAYERS = [
     f"blocks.{i}.{n}" for i in (0, 1) for n in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")

@@ -9,9 +9,9 @@ import pytest
 from vitsparse.cli import main
 from vitsparse.errors import TargetError
 from vitsparse.frontend import load_torch_model
-from vitsparse.targets import profile as profile_mod
+from vitsparse.jobs import profile as profile_mod
+from vitsparse.jobs.profile import GRIDS, Grid, profile
 from vitsparse.targets.cost_table import CostTable, block_key, kernel_key
-from vitsparse.targets.profile import GRIDS, Grid, profile
 
 TINY = Grid(
     tokens=(17,),
@@ -153,14 +153,14 @@ def test_profile_block_matches_pytorch():
     import torch
 
     from vitsparse._tvm import relax, tvm
-    from vitsparse.compiler import _first_output
+    from vitsparse.devices import first_output
     from vitsparse.targets import resolve_target
 
     spec = resolve_target("x86")
     point = dict(embed=64, heads=2, head_dim=24, mlp=96, tokens=17)  # heads * head_dim != embed
     executable, x, block = profile_mod.compile_block(point, spec)
     vm = relax.VirtualMachine(executable, spec.device)
-    got = _first_output(vm["main"](tvm.runtime.tensor(x, spec.device))).numpy()
+    got = first_output(vm["main"](tvm.runtime.tensor(x, spec.device))).numpy()
     with torch.no_grad():
         expect = block(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(got, expect, rtol=0, atol=1e-4)
@@ -191,10 +191,10 @@ def test_a_cost_table_is_a_cost_model_for_the_criteria(tmp_path):
     from vitsparse.data.sources import load_images
     from vitsparse.errors import PlanError
     from vitsparse.frontend.testing import tiny_vit
-    from vitsparse.plan_structure import Structure
+    from vitsparse.plan import Structure
     from vitsparse.pruning.budget import Budget
+    from vitsparse.pruning.cost import TableCost
     from vitsparse.pruning.criteria import make_plan
-    from vitsparse.targets.cost_table import TableCost
 
     table = _synthetic(_kernel_cost, _block_cost)
     table.complete = True

@@ -11,8 +11,8 @@ import torch
 
 from vitsparse.cli import main
 from vitsparse.frontend import load_torch_model
+from vitsparse.jobs.prune import prune
 from vitsparse.plan import PruningPlan, validate_plan
-from vitsparse.pruning import prune
 
 DEIT = "deit_tiny_patch16_224"
 

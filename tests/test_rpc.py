@@ -19,20 +19,19 @@ import pytest
 import torch
 
 from vitsparse.cli import main
-from vitsparse.compiler import compile_model
-from vitsparse.errors import TargetError
-from vitsparse.frontend.testing import tiny_vit
-from vitsparse.report import bench
-from vitsparse.schedules.database import open_target_database
-from vitsparse.schedules.tuning import _DeviceWatch
-from vitsparse.targets import resolve_target
-from vitsparse.targets.rpc import (
+from vitsparse.devices import DeviceWatch, Timing, measure
+from vitsparse.devices.rpc import (
     RpcDevice,
     parse_address,
-    remote_run,
     start_server,
     start_tracker,
 )
+from vitsparse.errors import TargetError
+from vitsparse.frontend.testing import tiny_vit
+from vitsparse.jobs.bench import bench
+from vitsparse.jobs.compile import compile_model
+from vitsparse.schedules.database import open_target_database
+from vitsparse.targets import resolve_target
 
 KEY = "x86-local"
 DOOMED = "x86-doomed"  # a device that is switched off in the middle of a job
@@ -63,7 +62,8 @@ def test_remote_run_matches_pytorch(farm):
     model = tiny_vit(depth=1)
     compiled = compile_model(model, target="x86")
     x = np.random.default_rng(0).standard_normal(compiled.input_shape, dtype=np.float32)
-    result = remote_run(compiled, x, farm, repeat=3, number=2, warmup=1)
+    timing = Timing(repeat=3, number=2, warmup=1)
+    result = measure(compiled.executable, compiled.spec, [x], rpc=farm, timing=timing)
     with torch.no_grad():
         expect = model(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(result.output, expect, rtol=0, atol=1e-4)
@@ -206,7 +206,7 @@ def test_device_watch_stops_a_job_blocked_in_a_wait():
     before = signal.getsignal(signal.SIGINT)
     start = time.monotonic()
     with pytest.raises(TargetError, match=f"device '{DOOMED}' went away during the job: no dev"):
-        with _DeviceWatch(Device(), [], "the database", period=0.2):
+        with DeviceWatch(Device(), lambda: "Nothing was measured", period=0.2):
             threading.Event().wait(60)
     assert time.monotonic() - start < 10
     assert signal.getsignal(signal.SIGINT) is before
@@ -233,7 +233,7 @@ def test_errors(farm, tmp_path, capsys):
 def test_profile_over_rpc(farm, tmp_path, monkeypatch):
     from test_profile import TINY
 
-    from vitsparse.targets.profile import GRIDS, profile
+    from vitsparse.jobs.profile import GRIDS, profile
 
     monkeypatch.setitem(GRIDS, "small", TINY)
     out = tmp_path / "cost.json"
@@ -247,7 +247,7 @@ def test_profile_over_rpc(farm, tmp_path, monkeypatch):
 def test_profile_survives_a_device_that_goes_away(farm, tmp_path, monkeypatch):
     from test_profile import TINY
 
-    from vitsparse.targets.profile import GRIDS, profile
+    from vitsparse.jobs.profile import GRIDS, profile
 
     monkeypatch.setitem(GRIDS, "small", TINY)
     server = start_server(farm.tracker, "x86-leaving", port=9690)

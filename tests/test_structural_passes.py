@@ -9,15 +9,14 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from vitsparse._tvm import relax, struct_shape, tvm
-from vitsparse.compiler import compile_model
 from vitsparse.errors import PlanError
 from vitsparse.frontend import import_model
 from vitsparse.frontend.testing import tiny_vit
-from vitsparse.passes._structure import SLICES_ATTR, follow_reshape, slice_params
+from vitsparse.jobs.compile import compile_model
+from vitsparse.passes._slicing import SLICES_ATTR, follow_reshape, slice_params
 from vitsparse.passes.prune_mlp import PruneMLP
 from vitsparse.passes.prune_tokens import PruneTokens
-from vitsparse.plan import PruningPlan, weights_hash
-from vitsparse.plan_structure import BlockStructure, IndexSet, Structure, TokenKeep
+from vitsparse.plan import BlockStructure, IndexSet, PruningPlan, Structure, TokenKeep, weights_hash
 from vitsparse.pruning import compose_plan, structure_plan
 
 

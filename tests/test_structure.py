@@ -8,8 +8,15 @@ import torch
 
 from vitsparse.errors import PlanError
 from vitsparse.frontend.testing import tiny_vit
-from vitsparse.plan import PruningPlan, apply_plan_to_torch, weights_hash
-from vitsparse.plan_structure import BlockStructure, IndexSet, Structure, TokenKeep
+from vitsparse.plan import (
+    BlockStructure,
+    IndexSet,
+    PruningPlan,
+    Structure,
+    TokenKeep,
+    apply_plan_to_torch,
+    weights_hash,
+)
 
 
 def _plan(model, structure, layers=None):

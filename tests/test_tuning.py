@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from vitsparse.compiler import compile_model
 from vitsparse.errors import DatabaseError
 from vitsparse.frontend.testing import tiny_vit
+from vitsparse.jobs.compile import compile_model
+from vitsparse.jobs.tune import tune
 from vitsparse.schedules import database as dbmod
-from vitsparse.schedules.tuning import tune
 from vitsparse.targets import resolve_target
 
 
@@ -92,18 +92,20 @@ def test_tuning_a_target_that_cannot_run_here_is_an_error(tmp_path):
 
 
 def test_bsr_kernels_are_searched_and_their_records_compiled(tmp_path):
-    from vitsparse.compiler import prepare
     from vitsparse.frontend import import_model
+    from vitsparse.jobs.compile import prepare
+    from vitsparse.jobs.tune import tune_kernels
     from vitsparse.passes import pipeline
     from vitsparse.plan import apply_plan_to_torch
     from vitsparse.pruning import block_mask_plan
-    from vitsparse.schedules.tuning import extract_kernels, tune_kernels
+    from vitsparse.schedules.tuning import extract_kernels
 
     model = tiny_vit(depth=2, embed_dim=64, num_heads=4)
     plan = block_mask_plan(model, model_id="tiny", block=(16, 16), keep=0.3, method="random")
     spec = resolve_target("x86")
-    mod, config, decisions = prepare(import_model(model), spec, plan)
-    mod = pipeline.optimize(mod, config, stop_before="schedule")
+    mod, config, params = prepare(import_model(model), spec, plan)
+    mod = pipeline.optimize(mod, config, params, stop_before="schedule")
+    decisions = config.decisions
     kernels = [k for k in extract_kernels(mod) if k.is_bsr]
     assert kernels and {d["kernel"] for d in decisions} == {"bsr"}
     assert not any(k.takes_indices for k in kernels)  # the runner fills BSR indices validly

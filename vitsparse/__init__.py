@@ -12,29 +12,22 @@ The public API (imported lazily: `import vitsparse` stays cheap):
     params        -- weights of a (pruned) model
 """
 
-__version__ = "0.1.0"
+from vitsparse._lazy import lazy_api
+from vitsparse._versions import VERSION as __version__
 
 _API = {
-    "import_model": ("vitsparse.frontend", "import_model"),
-    "compile_model": ("vitsparse.compiler", "compile_model"),
-    "CompiledModel": ("vitsparse.compiler", "CompiledModel"),
-    "tune": ("vitsparse.schedules.tuning", "tune"),
-    "bench": ("vitsparse.report.compare", "bench"),
-    "resolve_target": ("vitsparse.targets", "resolve_target"),
-    "prune": ("vitsparse.pruning", "prune"),
-    "PruningPlan": ("vitsparse.plan", "PruningPlan"),
-    "apply_plan_to_torch": ("vitsparse.plan", "apply_plan_to_torch"),
-    "flops": ("vitsparse.flop_count", "flops"),
-    "params": ("vitsparse.flop_count", "params"),
+    "import_model": "vitsparse.frontend.importer",
+    "compile_model": "vitsparse.jobs.compile",
+    "CompiledModel": "vitsparse.jobs.artifact",
+    "tune": "vitsparse.jobs.tune",
+    "bench": "vitsparse.jobs.bench",
+    "resolve_target": "vitsparse.targets.presets",
+    "prune": "vitsparse.jobs.prune",
+    "PruningPlan": "vitsparse.plan.format",
+    "apply_plan_to_torch": "vitsparse.plan.reference",
+    "flops": "vitsparse.jobs.flops",
+    "params": "vitsparse.jobs.flops",
 }
 
 __all__ = ["__version__", *_API]
-
-
-def __getattr__(name):
-    if name not in _API:
-        raise AttributeError(f"module 'vitsparse' has no attribute {name!r}")
-    import importlib
-
-    module, attr = _API[name]
-    return getattr(importlib.import_module(module), attr)
+__getattr__, __dir__ = lazy_api(__name__, _API, eager=("__version__",))

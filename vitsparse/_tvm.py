@@ -7,6 +7,8 @@ one-file change.
 
 from __future__ import annotations
 
+import os
+
 import tvm
 import tvm.relax.frontend.torch  # noqa: F401  (makes relax.frontend.torch importable)
 import tvm_ffi
@@ -15,6 +17,44 @@ from tvm import tirx as tir
 from tvm.s_tir import dlight
 from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir import schedule as s_schedule
+
+from vitsparse import errors
+
+# TVM's runtime sizes its CPU thread pool once, the first time it runs parallel code, from
+# TVM_NUM_THREADS (or OMP_NUM_THREADS), else from half the machine's logical CPUs on x86 (one
+# thread on a 2-vCPU machine). The pool can shrink later but never grow, so vitsparse's default,
+# every core this process may use, is set here, before anything can run, and only where the user
+# chose no count. Child processes (MetaSchedule workers, RPC servers) inherit it.
+THREAD_VARIABLES = ("TVM_NUM_THREADS", "OMP_NUM_THREADS")
+
+
+# TVM's pool also pins its threads, the calling one included, to single cores, after which this
+# thread's affinity says 1; so the process's cores are read once, here.
+_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def available_cores() -> int:
+    """The CPUs this process may run on (its affinity when vitsparse was imported)."""
+    return max(1, _CORES or 1)
+
+
+if not any(os.environ.get(name, "").strip() for name in THREAD_VARIABLES):
+    os.environ["TVM_NUM_THREADS"] = str(available_cores())
+
+# A vitsparse error raised inside a pass crosses TVM's FFI on its way out; registered, it comes
+# back as itself (PlanError, not a RuntimeError), so the CLI still names the problem, exit 2.
+for _error in (
+    errors.VitsparseError,
+    errors.ModelError,
+    errors.NotAViTError,
+    errors.UnsupportedOpError,
+    errors.TargetError,
+    errors.DatabaseError,
+    errors.ArtifactError,
+    errors.PlanError,
+    errors.DataError,
+):
+    tvm_ffi.register_error(_error)
 
 Schedule = s_schedule.Schedule
 Target = tvm.target.Target
@@ -54,9 +94,11 @@ def struct_dtype(expr) -> str:
 
 
 __all__ = [
+    "THREAD_VARIABLES",
     "IRModule",
     "Schedule",
     "Target",
+    "available_cores",
     "dlight",
     "from_exported_program",
     "from_onnx",

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from vitsparse.data.digits import IMAGE_SIZE, digits_split
 from vitsparse.errors import DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -44,8 +45,6 @@ def load_images(
         raise DataError(f"limit must be a positive number of images, got {limit}")
     name = str(source)
     if name in ("digits", "digits-train"):
-        from vitsparse.data.digits import IMAGE_SIZE, digits_split
-
         if image_size != IMAGE_SIZE:
             raise DataError(
                 f"the digits images are {IMAGE_SIZE}x{IMAGE_SIZE}; this model takes "

@@ -1,8 +1,23 @@
 """Frontend: load a ViT (timm name, torch module or ONNX file), import it into Relax, and read
-its geometry (blocks, heads, MLP widths, tokens) from the Relax module."""
+its geometry (blocks, heads, MLP widths, tokens) from the Relax module. The importer (TVM) is
+loaded on first use, so model loading alone stays light."""
 
-from vitsparse.frontend.importer import ImportedModel, import_model
+from vitsparse._lazy import lazy_api
 from vitsparse.frontend.loading import load_torch_model
 from vitsparse.frontend.vit_graph import BlockInfo, ViTGraph
 
-__all__ = ["BlockInfo", "ImportedModel", "ViTGraph", "import_model", "load_torch_model"]
+__all__ = [
+    "BlockInfo",
+    "ImportedModel",
+    "ViTGraph",
+    "export_torch",
+    "import_model",
+    "load_torch_model",
+]
+
+_IMPORTER = "vitsparse.frontend.importer"
+__getattr__, __dir__ = lazy_api(
+    __name__,
+    {"ImportedModel": _IMPORTER, "export_torch": _IMPORTER, "import_model": _IMPORTER},
+    eager=("BlockInfo", "ViTGraph", "load_torch_model"),
+)

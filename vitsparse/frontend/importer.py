@@ -100,16 +100,19 @@ def import_model(
     return _import_torch(model, model_id, batch=batch)
 
 
-def _import_torch(model: torch.nn.Module, model_id: str, *, batch: int) -> ImportedModel:
-    input_shape = (batch, *_torch_input_chw(model))
-    example = torch.zeros(input_shape)
+def export_torch(
+    model: torch.nn.Module, example: torch.Tensor, *, model_id: str
+) -> tuple[IRModule, dict[str, np.ndarray], torch.export.ExportedProgram]:
+    """``model`` at the input ``example`` through torch.export into Relax: the module (weights
+    as parameters of ``main`` after the input, weight broadcasts dropped), its weights by
+    Relax parameter name, and the ExportedProgram. Any torch module, a ViT or not."""
     try:
         with torch.no_grad():
             exported = torch.export.export(model, (example,))
     except Exception as err:
         raise ModelError(
             f"torch.export could not trace model {model_id!r} with an input of shape "
-            f"{input_shape}: {_first_line(err)}"
+            f"{tuple(example.shape)}: {_first_line(err)}"
         ) from err
     try:
         mod = from_exported_program(
@@ -117,10 +120,15 @@ def _import_torch(model: torch.nn.Module, model_id: str, *, batch: int) -> Impor
         )
     except Exception as err:
         raise _importer_error(err, model_id, "PyTorch") from err
+    mod, params = _detach(mod)
+    return drop_weight_broadcasts(mod), params, exported
+
+
+def _import_torch(model: torch.nn.Module, model_id: str, *, batch: int) -> ImportedModel:
+    input_shape = (batch, *_torch_input_chw(model))
+    mod, params, exported = export_torch(model, torch.zeros(input_shape), model_id=model_id)
     signature = exported.graph_signature
     param_map = {**signature.inputs_to_parameters, **signature.inputs_to_buffers}
-    mod, params = _detach(mod)
-    mod = drop_weight_broadcasts(mod)
     graph = extract_vit_graph(mod, model_id=model_id, param_map=param_map, torch_model=model)
     return ImportedModel(mod, params, graph, model_id, input_shape, model, None)
 

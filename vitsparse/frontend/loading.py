@@ -9,7 +9,7 @@ from pathlib import Path
 import timm
 import torch
 
-from vitsparse.data.digits import DIGITS_MODEL
+from vitsparse.data.digits import DIGITS_MODEL, digits_vit
 from vitsparse.errors import ModelError
 
 # Keys under which training scripts commonly nest the state dict of a checkpoint.
@@ -56,8 +56,6 @@ def load_torch_model(
             )
         model, model_id = source, _module_id(source)
     elif isinstance(source, str) and source == DIGITS_MODEL:
-        from vitsparse.data.digits import digits_vit
-
         if pretrained:
             raise ModelError(f"{source!r} is trained here; it has no pretrained weights")
         model, model_id = digits_vit(), source

@@ -8,7 +8,7 @@ and, when the layer's density is at or below the break-even density for its shap
 replaces it with one call of ``schedules.bsr`` (weight packed into BSR at compile time). A layer
 above its break-even is left as it is: FoldConstant folds the mask into the weight and LowerLinear
 makes it a dense kernel, so it stays correct either way. ``break_even(m, k, n, block)`` is given
-by the caller, from measurements on the target (``schedules.break_even``). A GELU after the layer
+by the caller, from measurements on the target (``jobs._break_even``). A GELU after the layer
 becomes the kernel's epilogue. The kernels are tiled for the current target (``with target:``).
 """
 

@@ -1,28 +1,95 @@
-"""The compile pipeline, assembled in one place in named phases (like TVM's relax/pipeline.py):
+"""The compile pipeline, assembled in one place from the plan and the target, in named phases
+(like TVM's relax/pipeline.py, and registered beside its pipelines as ``"vitsparse"``):
 
-    bind      weights become constants, so weight transposes and packing fold at compile time
-    rewrite   structural rewrites: linear layers -> packed dense kernels (+ fused GELU)
-    legalize  remaining Relax ops -> TensorIR, with fast-math GELU
-    fuse      constant folding, operator fusion, FuseTIR
-    schedule  tuned records from the database, hand-written rules for whatever they miss
-    build     tvm.compile's lowering to the VM executable
+    structure  the plan's structure: embedding channels, heads, MLP neurons, tokens (narrower
+               weight parameters, shapes that follow, static top-k)
+    annotate   the plan's block masks written into the IR (AnnotatePruning)
+    bind       weights become constants (sliced as the structure recorded), so weight
+               transposes, masks and packing fold at compile time
+    sparsify   annotated layers below their break-even density -> BSR kernels; masks left dense
+               fold into their weights
+    lower      linear layers -> packed dense kernels (+ fused GELU) on CPU targets
+    legalize   remaining Relax ops -> TensorIR, with fast-math GELU
+    fuse       constant folding, operator fusion, FuseTIR
+    schedule   tuned records from the database, hand-written rules for whatever they miss
 
-`build_pipeline` returns a tvm.transform.Sequential per phase; `dump_dir` writes the module after
-each phase (debug option).
+`build_pipeline` returns the whole ``tvm.transform.Sequential``; `optimize` runs it (or up to a
+phase), writing the module after every phase with a dump directory; `compile_module` is the one
+``tvm.compile`` of vitsparse, and `build` is both.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from vitsparse._tvm import IRModule, dlight, relax, tir, topi, tvm
+from vitsparse.frontend import ViTGraph
+from vitsparse.passes.annotate_pruning import AnnotatePruning
+from vitsparse.passes.bind_weights import BindWeights, bind_params
+from vitsparse.passes.block_sparsify import BlockSparsify, BreakEven
 from vitsparse.passes.lower_linear import LowerLinear
 from vitsparse.passes.patch_embed_to_dense import PatchEmbedToDense
+from vitsparse.passes.prune_embedding import PruneEmbedding
+from vitsparse.passes.prune_heads import PruneHeads, check_supported
+from vitsparse.passes.prune_mlp import PruneMLP
+from vitsparse.passes.prune_tokens import PruneTokens
+from vitsparse.plan import PruningPlan
+from vitsparse.schedules import cpu_rules, gpu_rules
 
+PHASES = (
+    "structure",
+    "annotate",
+    "bind",
+    "sparsify",
+    "lower",
+    "legalize",
+    "fuse",
+    "schedule",
+)
 TUNED_ATTR = "vitsparse.tuned"
+PIPELINE_NAME = "vitsparse"
+
+__all__ = [
+    "PHASES",
+    "PipelineConfig",
+    "bind_params",
+    "build",
+    "build_pipeline",
+    "compile_module",
+    "count_tuned",
+    "optimize",
+    "vitsparse_pipeline",
+]
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """What the pipeline needs to know besides the module and its weights.
+
+    ``plan`` (with the ``graph`` of the imported model it was made for) adds the structural,
+    annotation and sparsify phases; ``break_even(m, k, n, block)`` is the density at or below
+    which a masked layer becomes a BSR kernel (None: every masked layer does), and every
+    masked layer's decision is appended to ``decisions``. ``database`` is a MetaSchedule
+    database whose records the schedule phase applies first.
+    """
+
+    target: tvm.target.Target
+    schedule_family: str = "cpu"  # 'cpu' | 'gpu'
+    database: object | None = None
+    lower_linear: bool = True
+    plan: PruningPlan | None = None
+    graph: ViTGraph | None = None
+    break_even: BreakEven | None = None
+    decisions: list = field(default_factory=list)
+    dump_dir: Path | None = None
+
+    def __post_init__(self):
+        if self.plan is not None and self.graph is None:
+            raise ValueError("a pipeline with a plan needs the model's ViTGraph (graph=)")
 
 
 def _legalize_gelu_fast(bb, call):
@@ -36,100 +103,161 @@ def _legalize_gelu_fast(bb, call):
     return bb.call_te(gelu, call.args[0], primfunc_name_hint="gelu")
 
 
-@dataclass(frozen=True)
-class PipelineConfig:
-    """What the pipeline needs to know besides the module."""
-
-    target: tvm.target.Target
-    schedule_family: str = "cpu"  # 'cpu' | 'gpu'
-    database: object | None = None  # a MetaSchedule Database, or None
-    lower_linear: bool = True
-    block_sparsify: tvm.transform.Pass | None = None  # BlockSparsify, when a plan is compiled
-    dump_dir: Path | None = None
-    extra_phases: dict = field(default_factory=dict)
+def _structure(config: PipelineConfig) -> list:
+    plan = config.plan
+    if plan is None or plan.structure is None or plan.structure.empty:
+        return []
+    check_supported(plan.structure, plan.layers)  # fails here, before any pass runs
+    # In the order they compose: tokens last, its pass needs the others' shapes.
+    passes = (PruneEmbedding, PruneHeads, PruneMLP, PruneTokens)
+    return [cls(plan.structure, config.graph) for cls in passes]
 
 
-def structural_passes(structure, graph, masked_layers=()) -> tvm.transform.Pass:
-    """The structural rewrite phase for a plan's structure, in the order the passes compose:
-    embedding channels, heads, MLP neurons, then tokens (whose pass needs the others' shapes).
-    ``masked_layers``: the plan's block-masked layer names (checked for compatibility)."""
-    from vitsparse.passes.prune_embedding import PruneEmbedding
-    from vitsparse.passes.prune_heads import PruneHeads, check_supported
-    from vitsparse.passes.prune_mlp import PruneMLP
-    from vitsparse.passes.prune_tokens import PruneTokens
-
-    check_supported(structure, masked_layers)  # fails here, before any pass runs
-    return tvm.transform.Sequential(
-        [cls(structure, graph) for cls in (PruneEmbedding, PruneHeads, PruneMLP, PruneTokens)],
-        name="structure",
-    )
-
-
-def bind_params(mod: IRModule, params: dict[str, np.ndarray], func: str = "main") -> IRModule:
-    """Turn main's weight parameters into constants (the input stays a parameter), narrowed
-    first as the structural passes recorded (``passes._structure``)."""
-    from vitsparse.passes._structure import slice_params
-
-    bound = {k: tvm.runtime.tensor(v) for k, v in slice_params(mod, params, func).items()}
-    return relax.transform.BindParams(func, bound)(mod)
-
-
-def phases(config: PipelineConfig) -> list[tuple[str, tvm.transform.Pass]]:
-    """(name, pass) for each phase after binding, in order."""
-    rewrite = []
-    if config.block_sparsify is not None:
-        rewrite.append(config.block_sparsify)
+def _sparsify(config: PipelineConfig) -> list:
+    out = []
+    if config.plan is not None:
+        break_even = config.break_even or (lambda m, k, n, block: 1.0)
+        out.append(BlockSparsify(break_even, config.decisions))
     # Folds what the rewrites left of pruning annotations (masked weights kept dense).
-    rewrite.append(relax.transform.FoldConstant())
-    if config.lower_linear and config.schedule_family == "cpu":
-        rewrite += [PatchEmbedToDense(), LowerLinear(), relax.transform.RemoveRedundantReshape()]
-    out = [
-        ("rewrite", tvm.transform.Sequential(rewrite, name="rewrite")),
-        (
-            "legalize",
-            tvm.transform.Sequential(
-                [
-                    # Before legalization: it swaps Relax exp/softmax/erf for topi's fast forms.
-                    relax.transform.FastMathTransform(),
-                    relax.transform.LegalizeOps(
-                        customize_legalize_map={"relax.nn.gelu": _legalize_gelu_fast}
-                    ),
-                ],
-                name="legalize",
-            ),
-        ),
-        (
-            "fuse",
-            tvm.transform.Sequential(
-                [
-                    relax.transform.AnnotateTIROpPattern(),
-                    relax.transform.FoldConstant(),
-                    relax.transform.FuseOps(),
-                    relax.transform.FuseTIR(),
-                    relax.transform.DeadCodeElimination(),
-                    relax.transform.RewriteDataflowReshape(),
-                ],
-                name="fuse",
-            ),
-        ),
-        ("schedule", _schedule_phase(config)),
+    return out + [relax.transform.FoldConstant()]
+
+
+def _lower(config: PipelineConfig) -> list:
+    if not (config.lower_linear and config.schedule_family == "cpu"):
+        return []
+    return [PatchEmbedToDense(), LowerLinear(), relax.transform.RemoveRedundantReshape()]
+
+
+def _legalize(_config: PipelineConfig) -> list:
+    return [
+        # Before legalization: it swaps Relax exp/softmax/erf for topi's fast forms.
+        relax.transform.FastMathTransform(),
+        relax.transform.LegalizeOps(customize_legalize_map={"relax.nn.gelu": _legalize_gelu_fast}),
     ]
-    return out
 
 
-def _schedule_phase(config: PipelineConfig) -> tvm.transform.Pass:
+def _fuse(_config: PipelineConfig) -> list:
+    return [
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+        relax.transform.DeadCodeElimination(),
+        relax.transform.RewriteDataflowReshape(),
+    ]
+
+
+def _schedule(config: PipelineConfig) -> list:
     passes = []
     if config.database is not None:
         passes.append(_ApplyDatabase(config.database, config.target))
-    if config.schedule_family == "cpu":
-        from vitsparse.schedules.cpu_rules import default_rules
+    rules = cpu_rules if config.schedule_family == "cpu" else gpu_rules
+    return passes + [dlight.ApplyDefaultSchedule(*rules.default_rules())]
 
-        passes.append(dlight.ApplyDefaultSchedule(*default_rules()))
-    else:
-        from vitsparse.schedules.gpu_rules import default_rules
 
-        passes.append(dlight.ApplyDefaultSchedule(*default_rules()))
-    return tvm.transform.Sequential(passes, name="schedule")
+def phases(
+    config: PipelineConfig, params: dict[str, np.ndarray] | None = None
+) -> list[tuple[str, tvm.transform.Pass]]:
+    """(name, pass) of every phase, in order; ``params`` are bound in the bind phase (None: the
+    module's weights are bound already, or stay parameters)."""
+    makers: dict[str, Callable[[PipelineConfig], list]] = {
+        "structure": _structure,
+        "annotate": lambda c: [] if c.plan is None else [AnnotatePruning(c.plan, c.graph)],
+        "bind": lambda c: [] if params is None else [BindWeights(params)],
+        "sparsify": _sparsify,
+        "lower": _lower,
+        "legalize": _legalize,
+        "fuse": _fuse,
+        "schedule": _schedule,
+    }
+    return [(name, tvm.transform.Sequential(makers[name](config), name=name)) for name in PHASES]
+
+
+def build_pipeline(
+    config: PipelineConfig, params: dict[str, np.ndarray] | None = None
+) -> tvm.transform.Pass:
+    """The whole pipeline as one ``tvm.transform.Sequential`` of named phases."""
+    return tvm.transform.Sequential([p for _, p in phases(config, params)], name=PIPELINE_NAME)
+
+
+def vitsparse_pipeline(*, params: dict[str, np.ndarray] | None = None, **config):
+    """The whole compile as TVM's pipeline registry builds them: keyword arguments of
+    `PipelineConfig` (and ``params``) in, one pass out: vitsparse's phases, then TVM's default
+    build passes (VM lowering), so that ``tvm.compile(mod, target, relax_pipeline="vitsparse")``
+    compiles. Without ``target``, the pass uses the target it runs under."""
+
+    @tvm.transform.module_pass(opt_level=0, name=PIPELINE_NAME)
+    def run(mod: IRModule, _ctx) -> IRModule:
+        target = config.get("target") or tvm.target.Target.current()
+        if target is None:
+            raise ValueError(
+                "the vitsparse pipeline needs a target: pass target= or run it "
+                "under `with target:` (tvm.compile does)"
+            )
+        phases_ = build_pipeline(PipelineConfig(**{**config, "target": target}), params)
+        with target:
+            return relax.get_pipeline("default")(phases_(mod))
+
+    return run
+
+
+if PIPELINE_NAME not in relax.pipeline.PIPELINE_MAP:
+    relax.register_pipeline(PIPELINE_NAME)(vitsparse_pipeline)
+
+
+@tvm.instrument.pass_instrument
+class _DumpPhases:
+    """Writes the module after each named phase to ``<dump_dir>/<phase>.py``."""
+
+    def __init__(self, dump_dir: Path, names: tuple[str, ...]):
+        self.dump_dir, self.names = Path(dump_dir), set(names)
+
+    def run_after_pass(self, mod, info):
+        if info.name in self.names:
+            self.dump_dir.mkdir(parents=True, exist_ok=True)
+            (self.dump_dir / f"{info.name}.py").write_text(mod.script(show_meta=False))
+
+
+def optimize(
+    mod: IRModule,
+    config: PipelineConfig,
+    params: dict[str, np.ndarray] | None = None,
+    *,
+    stop_before: str | None = None,
+) -> IRModule:
+    """Run the pipeline (every phase, or those before ``stop_before``) on ``mod``."""
+    chosen = phases(config, params)
+    if stop_before is not None:
+        if stop_before not in PHASES:
+            raise ValueError(f"unknown phase {stop_before!r}; phases are {', '.join(PHASES)}")
+        chosen = chosen[: PHASES.index(stop_before)]
+    sequential = tvm.transform.Sequential([p for _, p in chosen], name=PIPELINE_NAME)
+    # The caller's context (its config and instruments) carries over; the dump joins it.
+    outer = tvm.transform.PassContext.current()
+    instruments = list(outer.instruments)
+    if config.dump_dir is not None:
+        instruments.append(_DumpPhases(config.dump_dir, PHASES))
+    context = tvm.transform.PassContext(
+        opt_level=outer.opt_level,
+        required_pass=list(outer.required_pass),
+        disabled_pass=list(outer.disabled_pass),
+        instruments=instruments,
+        config=dict(outer.config),
+    )
+    with config.target, context:
+        return sequential(mod)
+
+
+def compile_module(mod: IRModule, target: tvm.target.Target):
+    """``tvm.compile`` of an optimized module (or a scheduled kernel) for ``target``: the Relax VM
+    executable, or the kernel's library."""
+    with tvm.transform.PassContext(opt_level=3):
+        return tvm.compile(mod, target=target)
+
+
+def build(mod: IRModule, config: PipelineConfig, params: dict[str, np.ndarray] | None = None):
+    """`optimize` + `compile_module`."""
+    return compile_module(optimize(mod, config, params), config.target)
 
 
 @tvm.transform.module_pass(opt_level=0, name="vitsparse.ApplyDatabase")
@@ -162,23 +290,3 @@ def count_tuned(mod: IRModule) -> int:
         for func in mod.functions.values()
         if isinstance(func, tir.PrimFunc) and func.attrs is not None and TUNED_ATTR in func.attrs
     )
-
-
-def optimize(mod: IRModule, config: PipelineConfig, *, stop_before: str | None = None) -> IRModule:
-    """Run every phase (up to ``stop_before``) on a module whose weights are already bound."""
-    with config.target:
-        for name, phase in phases(config):
-            if name == stop_before:
-                break
-            mod = phase(mod)
-            if config.dump_dir is not None:
-                config.dump_dir.mkdir(parents=True, exist_ok=True)
-                (config.dump_dir / f"{name}.py").write_text(mod.script(show_meta=False))
-    return mod
-
-
-def build(mod: IRModule, config: PipelineConfig):
-    """optimize + tvm.compile to a Relax VM executable."""
-    mod = optimize(mod, config)
-    with tvm.transform.PassContext(opt_level=3):
-        return tvm.compile(mod, target=config.target)

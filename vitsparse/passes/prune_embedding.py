@@ -4,7 +4,7 @@ Every weight on the residual stream keeps the kept channels along its embedding 
 projection's output channels, class/distillation tokens and position embedding, every LayerNorm
 (which then normalises over the kept channels), the input columns of qkv, fc1 and the classifier
 heads, the output rows of proj and fc2, and LayerScale gammas. Run before BindParams
-(``passes._structure``).
+(``passes._slicing``).
 """
 
 from __future__ import annotations
@@ -13,9 +13,7 @@ import re
 
 from vitsparse._tvm import tvm
 from vitsparse.errors import PlanError
-from vitsparse.frontend import ViTGraph
-from vitsparse.passes._structure import rewrite_main
-from vitsparse.plan_structure import Structure
+from vitsparse.passes._slicing import Slicing, SlicingPass
 
 # PyTorch parameter name -> its embedding axis.
 _EMBED_AXES = (
@@ -48,17 +46,13 @@ def embedding_axis(torch_name: str) -> int | None:
 
 
 @tvm.transform.module_pass(opt_level=0, name="vitsparse.PruneEmbedding")
-class PruneEmbedding:
+class PruneEmbedding(SlicingPass):
     """Slice the embedding channels ``structure`` drops out of ``main``."""
 
-    def __init__(self, structure: Structure, graph: ViTGraph):
-        self.structure = structure
-        self.graph = graph
-
-    def transform_module(self, mod, _ctx):
+    def slicing(self, mod) -> Slicing:
         kept = self.structure.embed
         if kept is None:
-            return mod
+            return Slicing()
         slices = {}
         for param in mod["main"].params[1:]:
             torch_name = self.graph.param_map.get(param.name)
@@ -69,4 +63,4 @@ class PruneEmbedding:
                 continue
             rank = len(param.ty.shape.values)
             slices[param.name] = (axis % rank, list(kept.kept))
-        return rewrite_main(mod, slices)
+        return Slicing(slices)

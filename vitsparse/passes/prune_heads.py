@@ -3,7 +3,7 @@
 For a block keeping heads ``H`` and dimensions ``Dq`` (query/key) and ``Dv`` (value), qkv's
 weight keeps, in order, the q rows, the k rows and the v rows of those heads and dimensions;
 proj's weight keeps the matching columns; the attention runs with ``len(H)`` heads. The scale
-stays the unpruned ``head_dim ** -0.5`` (see vitsparse.pruning.structured_torch).
+stays the unpruned ``head_dim ** -0.5`` (see vitsparse.plan.pruned_vit).
 
 The import's attention splits qkv with one reshape to ``(B, N, 3, heads, head_dim)``, which needs
 one width for q, k and v. When ``Dq`` and ``Dv`` differ in size (NViT), the narrower side is padded
@@ -17,9 +17,8 @@ from __future__ import annotations
 
 from vitsparse._tvm import relax, tvm
 from vitsparse.errors import PlanError
-from vitsparse.frontend import ViTGraph
-from vitsparse.passes._structure import rewrite_main
-from vitsparse.plan_structure import Structure
+from vitsparse.passes._slicing import Slicing, SlicingPass
+from vitsparse.plan import Structure
 
 
 def check_supported(structure: Structure, masked_layers=()) -> None:
@@ -59,14 +58,10 @@ def _uses(expr, names: set[str]) -> bool:
 
 
 @tvm.transform.module_pass(opt_level=0, name="vitsparse.PruneHeads")
-class PruneHeads:
+class PruneHeads(SlicingPass):
     """Slice the heads and head dimensions ``structure`` drops out of ``main``."""
 
-    def __init__(self, structure: Structure, graph: ViTGraph):
-        self.structure = structure
-        self.graph = graph
-
-    def transform_module(self, mod, _ctx):
+    def slicing(self, mod) -> Slicing:
         slices, split_shapes = {}, {}
         for block in self.graph.blocks:
             part = self.structure.block(block.index)
@@ -91,9 +86,8 @@ class PruneHeads:
             slices[block.proj_weight] = (1, [-1 if d < 0 else h * hd + d for h in heads for d in v])
             split_shapes[block.index] = (block.num_heads, hd, len(heads), len(v))
         if not slices:
-            return mod
-        overrides = self._split_overrides(mod, split_shapes)
-        return rewrite_main(mod, slices, overrides=overrides)
+            return Slicing()
+        return Slicing(slices, overrides=self._split_overrides(mod, split_shapes))
 
     def _split_overrides(self, mod, split_shapes):
         """The reshape of each pruned block's qkv output into (B, N, 3, heads, head_dim)."""

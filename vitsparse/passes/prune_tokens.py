@@ -3,8 +3,8 @@
 After block ``b``'s attention residual, the ``keep`` highest-scoring patch tokens go on, in their
 original order (top-k, then a sort of the indices, then a gather); the class and distillation
 tokens always stay. Keep counts are fixed at compile time, so every shape stays static, and the
-shapes of everything after follow (``passes._structure``). Scores (see
-vitsparse.plan_structure) are computed from the block's softmax output:
+shapes of everything after follow (``passes._slicing``). Scores (see
+vitsparse.plan.structure) are computed from the block's softmax output:
 
 - ``cls_attention``: the class token's row, averaged over heads;
 - ``cumulative_attention``: per head the column maxima (over queries), summed over heads,
@@ -16,8 +16,7 @@ from __future__ import annotations
 from vitsparse._tvm import relax, struct_shape, tvm
 from vitsparse.errors import PlanError
 from vitsparse.frontend import ViTGraph
-from vitsparse.passes._structure import rewrite_main
-from vitsparse.plan_structure import Structure
+from vitsparse.passes._slicing import Slicing, SlicingPass
 
 
 def _op(value, name: str) -> bool:
@@ -62,21 +61,17 @@ def _locate(func, graph: ViTGraph) -> dict[int, tuple[relax.Var, relax.Var]]:
 
 
 @tvm.transform.module_pass(opt_level=0, name="vitsparse.PruneTokens")
-class PruneTokens:
+class PruneTokens(SlicingPass):
     """Insert the token selection ``structure`` asks for after the given blocks' attention."""
 
-    def __init__(self, structure: Structure, graph: ViTGraph):
-        self.structure = structure
-        self.graph = graph
-
-    def transform_module(self, mod, _ctx):
+    def slicing(self, mod) -> Slicing:
         pruned = {
             b.index: self.structure.block(b.index).tokens
             for b in self.graph.blocks
             if self.structure.block(b.index).tokens is not None
         }
         if not pruned:
-            return mod
+            return Slicing()
         found = _locate(mod["main"], self.graph)
         missing = sorted(set(pruned) - set(found))
         if missing:
@@ -91,7 +86,7 @@ class PruneTokens:
             after[found[index][0]] = self._accumulate(state, prefix)
         for index, tokens in pruned.items():
             after[found[index][1]] = self._select(state, found[index][0], tokens, prefix)
-        return rewrite_main(mod, {}, after=after)
+        return Slicing(after=after)
 
     @staticmethod
     def _accumulate(state, prefix):

@@ -1,16 +1,13 @@
-"""Pruning criteria: decide what to prune and express it as a PruningPlan.
-
-With explicit fractions, by magnitude (L1 norm) or at random: block masks (``block_mask_plan``),
-structures (heads, MLP neurons, embedding channels, token counts; ``structure_plan``), one plan
-composing both (``compose_plan``). Under a budget, the criteria of `vitsparse.pruning.criteria`
-(``make_plan``): magnitude baselines, LPViT, NViT, UP-ViT and CP-ViT. ``prune`` loads a model and
-parses the budgets for both.
+"""Deciding what to prune: plans by explicit fractions (magnitude or random block masks and
+structures, composed in one plan) and the criteria under a budget (the magnitude baselines,
+LPViT, NViT, UP-ViT, CP-ViT), their budgets and cost models, FLOPs and weight counts, and the
+accuracy and fidelity of a pruned model. Computed in PyTorch; the plan is the only output.
 """
 
-from vitsparse.pruning.api import compose_plan, parse_block_spec, prune
 from vitsparse.pruning.block_mask import BLOCK_SCORES, DEFAULT_LAYERS, block_mask_plan
+from vitsparse.pruning.compose import compose_plan
 from vitsparse.pruning.criteria import CRITERIA, make_plan
-from vitsparse.pruning.structure import parse_token_spec, structure_plan
+from vitsparse.pruning.fractions import parse_block_spec, parse_token_spec, structure_plan
 
 __all__ = [
     "BLOCK_SCORES",
@@ -21,6 +18,5 @@ __all__ = [
     "make_plan",
     "parse_block_spec",
     "parse_token_spec",
-    "prune",
     "structure_plan",
 ]

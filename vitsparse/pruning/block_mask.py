@@ -92,7 +92,7 @@ def block_mask_plan(
         raise PlanError("no layer patterns given; leave layers unset for the default")
     rows, cols = block
     masks: dict[str, BlockMask] = {}
-    for name, module in _select_linear_layers(model, patterns):
+    for name, module in select_linear_layers(model, patterns):
         weight = module.weight.detach().to("cpu", torch.float64).numpy()
         check_block_geometry(name, (rows, cols), weight.shape)
         out_features, in_features = weight.shape
@@ -121,7 +121,7 @@ def block_mask_plan(
     )
 
 
-def _select_linear_layers(
+def select_linear_layers(
     model: torch.nn.Module, patterns: Sequence[str]
 ) -> list[tuple[str, torch.nn.Linear]]:
     """The model's linear layers whose names match a pattern, in module order."""

@@ -1,8 +1,8 @@
 """What a criterion spends and what it costs: budgets and the cost interface.
 
-A budget keeps a fraction of the model's FLOPs (``flops=0.5``, see `vitsparse.flop_count.flops`)
+A budget keeps a fraction of the model's FLOPs (``flops=0.5``, see `vitsparse.pruning.flops.flops`)
 or of its weights (``params=0.5``: patch projection, linear layers and classifier, see
-`vitsparse.flop_count.params`). A cost model says what pruning saves; criteria trade that saving
+`vitsparse.pruning.flops.params`). A cost model says what pruning saves; criteria trade that saving
 against the distortion pruning causes:
 
 - ``saving(layer, shape, tokens, sparsity)``: what pruning that fraction of one layer's blocks
@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from vitsparse.errors import PlanError
+from vitsparse.pruning._specs import match_number
+from vitsparse.pruning.flops import flops, params
 
 _BUDGET = re.compile(r"\s*(flops|params)\s*=\s*([0-9.eE+-]+)\s*")
 
@@ -43,15 +45,8 @@ class Budget:
     @classmethod
     def parse(cls, text: str) -> Budget:
         """``"flops=0.5"`` or ``"params=0.3"``."""
-        match = _BUDGET.fullmatch(text) if isinstance(text, str) else None
-        try:
-            fraction = float(match.group(2)) if match else None
-        except ValueError:
-            fraction = None
-        if fraction is None:
-            raise PlanError(
-                f"budget {text!r} is not METRIC=FRACTION (METRIC flops or params), e.g. flops=0.5"
-            )
+        error = f"budget {text!r} is not METRIC=FRACTION (METRIC flops or params), e.g. flops=0.5"
+        match, fraction = match_number(_BUDGET, text, 2, error)
         return cls(match.group(1), fraction)
 
     def to_json(self) -> dict:
@@ -60,8 +55,6 @@ class Budget:
     def measure(self, model, plan=None) -> float:
         """The budget's metric of ``model`` pruned by ``plan`` (a PruningPlan or a bare
         `Structure`): MACs or weights."""
-        from vitsparse.flop_count import flops, params
-
         if self.metric == "flops":
             return float(flops(model, plan).macs)
         return float(params(model, plan))
@@ -95,6 +88,4 @@ class FlopsCost:
         return tokens * shape[0] * shape[1] * sparsity
 
     def model_cost(self, model, structure) -> float:
-        from vitsparse.flop_count import flops
-
         return float(flops(model, structure).macs)

@@ -33,10 +33,18 @@ import torch
 
 from vitsparse._progress import ProgressBar
 from vitsparse.errors import DataError, PlanError
-from vitsparse.plan import PruningPlan
-from vitsparse.plan_structure import BlockStructure, IndexSet, Structure, TokenKeep
+from vitsparse.plan import (
+    BlockStructure,
+    IndexSet,
+    PruningPlan,
+    Structure,
+    TokenKeep,
+    apply_structure,
+    geometry_of,
+)
+from vitsparse.pruning._hooks import hooked
 from vitsparse.pruning.budget import Budget
-from vitsparse.pruning.structured_torch import apply_structure, geometry_of
+from vitsparse.pruning.compose import compose_plan
 
 HEAD_SHARE = 0.5
 
@@ -78,34 +86,30 @@ def attention_stats(
     reference = apply_structure(model, Structure())
     prefix = geo.num_prefix_tokens
     captured: list = []
-    handles = [
-        blk.attn.register_forward_hook(lambda _m, _i, out: captured.append(out[1]))
+    hooks = [
+        (blk.attn, "forward", lambda _m, _i, out: captured.append(out[1]))
         for blk in reference.blocks
     ]
     ranges = np.zeros(geo.depth)
     heads = [np.zeros(h) for h in geo.num_heads]
     bar = ProgressBar(f"[cpvit] attention of {len(images)} images", len(images), progress)
-    try:
-        with torch.no_grad():
-            for start in range(0, len(images), batch):
-                captured.clear()
-                x = images[start : start + batch]
-                reference(x)
-                cumulative = None
-                for i, attn in enumerate(captured):
-                    a = attn[:, :, prefix:, prefix:].double()  # patch queries and keys
-                    received = a.amax(dim=2)  # (B, H, P): max over queries
-                    total = received.sum(dim=1)
-                    cumulative = total if cumulative is None else cumulative + total
-                    share = cumulative / cumulative.sum(dim=-1, keepdim=True)
-                    heads[i] += (received * share[:, None, :]).sum(dim=-1).sum(dim=0).numpy()
-                    target = a.argmax(dim=-1)  # (B, H, P): the patch each query attends most
-                    query = torch.arange(geo.num_patches).expand_as(target)
-                    ranges[i] += float(dist[query, target].mean(dim=(1, 2)).sum()) / mean_dist
-                bar.advance(len(x))
-    finally:
-        for handle in handles:
-            handle.remove()
+    with hooked(hooks), torch.no_grad():
+        for start in range(0, len(images), batch):
+            captured.clear()
+            x = images[start : start + batch]
+            reference(x)
+            cumulative = None
+            for i, attn in enumerate(captured):
+                a = attn[:, :, prefix:, prefix:].double()  # patch queries and keys
+                received = a.amax(dim=2)  # (B, H, P): max over queries
+                total = received.sum(dim=1)
+                cumulative = total if cumulative is None else cumulative + total
+                share = cumulative / cumulative.sum(dim=-1, keepdim=True)
+                heads[i] += (received * share[:, None, :]).sum(dim=-1).sum(dim=0).numpy()
+                target = a.argmax(dim=-1)  # (B, H, P): the patch each query attends most
+                query = torch.arange(geo.num_patches).expand_as(target)
+                ranges[i] += float(dist[query, target].mean(dim=(1, 2)).sum()) / mean_dist
+            bar.advance(len(x))
     n = len(images)
     return AttentionStats(range=ranges / n, heads=[h / n for h in heads])
 
@@ -124,8 +128,6 @@ def cpvit_plan(
 ) -> PruningPlan:
     """The CP-ViT token and head plan of ``model`` within ``budget`` (see the module docstring);
     ``stats``: an `attention_stats` result to reuse (one serves every budget)."""
-    from vitsparse.pruning.api import compose_plan
-
     if budget.metric != "flops":
         raise PlanError(
             "cpvit prunes tokens, which save no weights: give a FLOPs budget (e.g. flops=0.5)"

@@ -19,28 +19,21 @@ declares its own, and an unknown knob is an error that lists the known ones.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from vitsparse.errors import PlanError
+import torch
 
-if TYPE_CHECKING:  # the registry stays cheap to import (the CLI's help texts read it)
-    import torch
-
-    from vitsparse.plan import PruningPlan
-    from vitsparse.pruning.budget import Budget
-
-
-def _block(text) -> tuple[int, int]:
-    if isinstance(text, tuple):
-        return text
-    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", str(text))
-    if not match:
-        raise ValueError(f"{text!r} is not a block size ROWSxCOLS, e.g. 16x16")
-    return int(match.group(1)), int(match.group(2))
+from vitsparse.errors import PlanError, TargetError
+from vitsparse.plan import PruningPlan, parse_block_size
+from vitsparse.pruning.budget import Budget
+from vitsparse.pruning.cost import TableCost
+from vitsparse.pruning.cpvit import cpvit_plan
+from vitsparse.pruning.lpvit import lpvit_plan
+from vitsparse.pruning.magnitude import magnitude_plan
+from vitsparse.pruning.nvit import nvit_plan
+from vitsparse.pruning.upvit import upvit_plan
 
 
 def _patterns(text) -> list[str]:
@@ -62,9 +55,6 @@ def _bool(text) -> bool:
 
 def _cost_table(text):
     """A measured cost table (``vitsparse profile -o COST.json``) as the cost model."""
-    from vitsparse.errors import TargetError
-    from vitsparse.targets.cost_table import TableCost
-
     if not isinstance(text, str | Path):
         return text
     try:
@@ -99,68 +89,43 @@ class Criterion:
         return out
 
 
-def _magnitude(model, calibration, budget, *, model_id, progress=None, **knobs):
-    from vitsparse.pruning.magnitude import magnitude_plan
-
-    return magnitude_plan(model, calibration, budget, model_id=model_id, **knobs)
-
-
-def _lpvit(model, calibration, budget, *, model_id, progress=None, **knobs):
-    from vitsparse.pruning.lpvit import lpvit_plan
-
-    return lpvit_plan(model, calibration, budget, model_id=model_id, **knobs)
-
-
-def _nvit(model, calibration, budget, *, model_id, progress=None, **knobs):
-    from vitsparse.pruning.nvit import nvit_plan
-
-    return nvit_plan(model, calibration, budget, model_id=model_id, progress=progress, **knobs)
-
-
-def _upvit(model, calibration, budget, *, model_id, progress=None, **knobs):
-    from vitsparse.pruning.upvit import upvit_plan
-
-    return upvit_plan(model, calibration, budget, model_id=model_id, progress=progress, **knobs)
-
-
-def _cpvit(model, calibration, budget, *, model_id, progress=None, **knobs):
-    from vitsparse.pruning.cpvit import cpvit_plan
-
-    return cpvit_plan(model, calibration, budget, model_id=model_id, progress=progress, **knobs)
-
-
 CRITERIA: dict[str, Criterion] = {
     c.name: c
     for c in (
         Criterion(
             "magnitude",
-            _magnitude,
+            magnitude_plan,
             "block masks (kind=blocks, L1) or heads/neurons/channels (kind=structure, L2), "
             "uniform ratios",
-            knobs={"kind": str, "block": _block, "embed": _bool},
+            knobs={"kind": str, "block": parse_block_size, "embed": _bool},
             reads_calibration=False,
         ),
         Criterion(
             "lpvit",
-            _lpvit,
+            lpvit_plan,
             "block masks, densities allocated across layers",
-            knobs={"block": _block, "layers": _patterns, "beta_scale": float, "cost": _cost_table},
+            knobs={
+                "block": parse_block_size,
+                "layers": _patterns,
+                "beta_scale": float,
+                "cost": _cost_table,
+            },
         ),
         Criterion(
             "nvit",
-            _nvit,
+            nvit_plan,
             "embedding channels, heads, q/k and v dims, MLP neurons (global ranking)",
             knobs={"eta": float, "steps": int, "batch": int, "seed": int, "cost": _cost_table},
         ),
         Criterion(
             "upvit",
-            _upvit,
+            upvit_plan,
             "heads, MLP neurons, embedding channels (uniform ratios)",
             knobs={"embed": _bool, "batch": int},
         ),
         Criterion(
             "cpvit",
-            _cpvit,
+            cpvit_plan,
             "patch tokens (keep counts per block) and heads",
             metrics=("flops",),
             knobs={"head_share": float, "min_tokens": int, "batch": int},

@@ -30,8 +30,14 @@ import numpy as np
 import torch
 
 from vitsparse.errors import DataError, PlanError
-from vitsparse.plan import BlockMask, PruningPlan, check_block_geometry, weights_hash
-from vitsparse.pruning.block_mask import DEFAULT_LAYERS, _select_linear_layers
+from vitsparse.plan import (
+    BlockMask,
+    PruningPlan,
+    check_block_geometry,
+    geometry_of,
+    weights_hash,
+)
+from vitsparse.pruning.block_mask import DEFAULT_LAYERS, select_linear_layers
 from vitsparse.pruning.budget import Budget, CostModel, FlopsCost
 
 LAMBDA = 1e-7
@@ -114,16 +120,17 @@ def lpvit_plan(
     cost: CostModel | None = None,
     layers=None,
     beta_scale: float = 1.0,
+    progress=None,
 ) -> PruningPlan:
-    """The LPViT block-mask plan of ``model`` meeting ``budget`` (see the module docstring)."""
-    from vitsparse.pruning.structured_torch import geometry_of
-
+    """The LPViT block-mask plan of ``model`` meeting ``budget`` (see the module docstring);
+    ``progress`` is unused (one backward pass over the calibration images is quick)."""
+    del progress
     geo = geometry_of(model)
     cost = cost or FlopsCost()
     if hasattr(cost, "for_block"):  # a measured cost table: the kernels of this block size
         cost = cost.for_block(block)
     tokens = geo.num_patches + geo.num_prefix_tokens
-    selected = _select_linear_layers(model, list(DEFAULT_LAYERS if layers is None else layers))
+    selected = select_linear_layers(model, list(DEFAULT_LAYERS if layers is None else layers))
     grads = calibration_gradients(model, calibration)
     curves = []
     for name, module in selected:

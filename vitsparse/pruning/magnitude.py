@@ -4,7 +4,7 @@
   blocks, the largest-L1 ones; the largest fraction that fits the budget.
 - ``kind="structure"`` (structure-L2): every block keeps the same fraction of its heads and of its
   MLP neurons, and the model that fraction of its embedding channels, the ones with the largest
-  L2 norm over every weight they own (`structure.magnitude_scores`); the largest fraction that
+  L2 norm over every weight they own (`fractions.magnitude_scores`); the largest fraction that
   fits the budget.
 
 Neither reads calibration data.
@@ -18,7 +18,8 @@ from vitsparse.errors import PlanError
 from vitsparse.plan import PruningPlan
 from vitsparse.pruning.block_mask import block_mask_plan_for_budget
 from vitsparse.pruning.budget import Budget
-from vitsparse.pruning.structure import magnitude_scores, uniform_plan
+from vitsparse.pruning.fractions import magnitude_scores
+from vitsparse.pruning.uniform import uniform_plan
 
 KINDS = ("blocks", "structure")
 
@@ -32,10 +33,11 @@ def magnitude_plan(
     kind: str = "blocks",
     block: tuple[int, int] = (16, 16),
     embed: bool = True,
+    progress=None,
 ) -> PruningPlan:
-    """The magnitude baseline plan of ``model`` within ``budget`` (``calibration`` is unused;
-    it is there so that every criterion is called the same way)."""
-    del calibration
+    """The magnitude baseline plan of ``model`` within ``budget`` (``calibration`` and
+    ``progress`` are unused: they are there so that every criterion is called the same way)."""
+    del calibration, progress
     if kind == "blocks":
         return block_mask_plan_for_budget(model, budget, model_id=model_id, block=block)
     if kind == "structure":

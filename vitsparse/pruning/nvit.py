@@ -37,10 +37,17 @@ import torch
 
 from vitsparse._progress import ProgressBar
 from vitsparse.errors import DataError, PlanError
-from vitsparse.plan import PruningPlan
-from vitsparse.plan_structure import BlockStructure, IndexSet, Structure
+from vitsparse.plan import (
+    BlockStructure,
+    IndexSet,
+    PruningPlan,
+    Structure,
+    apply_structure,
+    geometry_of,
+)
+from vitsparse.pruning._hooks import hooked
 from vitsparse.pruning.budget import Budget, CostModel, FlopsCost
-from vitsparse.pruning.structured_torch import apply_structure, geometry_of
+from vitsparse.pruning.compose import compose_plan
 
 GROUPS = {"embed": 16, "heads": 2, "qk": 8, "v": 8, "mlp": 16}
 FLOORS = {"embed": 16, "heads": 2, "qk": 8, "v": 8, "mlp": 16}
@@ -80,11 +87,12 @@ class _Kept:
 
 
 class _Gates:
-    """Per-image gates (rows, units) on the units of a `PrunedViT`, through forward hooks."""
+    """Per-image gates (rows, units) on the units of a `PrunedViT`, and the forward hooks that
+    apply them (``hooks``, registered by `hooked`)."""
 
     def __init__(self, pruned, rows: int):
         self.gates: dict = {}
-        self.handles = []
+        self.hooks: list = []
 
         def gate(key, size):
             g = torch.ones(rows, size, requires_grad=True)
@@ -96,7 +104,7 @@ class _Gates:
         def stream(_m, _i, out):
             return out * embed[:, None, :]
 
-        self.handles.append(pruned.norm_pre.register_forward_hook(stream))
+        self.hooks.append((pruned.norm_pre, "forward", stream))
         for i, blk in enumerate(pruned.blocks):
             attn = blk.attn
             heads, qk = gate((i, "heads"), attn.heads), gate((i, "qk"), attn.qk_dim)
@@ -114,17 +122,13 @@ class _Gates:
             def mlp_hook(_m, _i, out, mlp=mlp):
                 return out * mlp[:, None, :]
 
-            self.handles += [
-                attn.qkv.register_forward_hook(qkv_hook),
-                attn.proj.register_forward_pre_hook(head_hook),
-                attn.proj.register_forward_hook(stream),
-                blk.mlp.act.register_forward_hook(mlp_hook),
-                blk.mlp.fc2.register_forward_hook(stream),
+            self.hooks += [
+                (attn.qkv, "forward", qkv_hook),
+                (attn.proj, "pre", head_hook),
+                (attn.proj, "forward", stream),
+                (blk.mlp.act, "forward", mlp_hook),
+                (blk.mlp.fc2, "forward", stream),
             ]
-
-    def close(self) -> None:
-        for handle in self.handles:
-            handle.remove()
 
 
 def unit_gradients(
@@ -144,11 +148,9 @@ def unit_gradients(
     for start in range(0, len(images), batch):
         x, y = images[start : start + batch], labels[start : start + batch]
         gates = _Gates(pruned, len(x))
-        try:
+        with hooked(gates.hooks):
             logits = pruned(x)
             torch.nn.functional.cross_entropy(logits, y, reduction="sum").backward()
-        finally:
-            gates.close()
         for key, g in gates.gates.items():
             out.setdefault(key, []).append(g.grad.detach().double())
     return {key: torch.cat(parts).numpy() for key, parts in out.items()}
@@ -180,8 +182,6 @@ def nvit_plan(
     progress: Callable[[str], None] | None = None,
 ) -> PruningPlan:
     """The NViT structural plan of ``model`` within ``budget`` (see the module docstring)."""
-    from vitsparse.pruning.api import compose_plan
-
     if len(calibration) == 0:
         raise DataError("the calibration set is empty")
     if steps < 1:

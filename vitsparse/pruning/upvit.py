@@ -22,10 +22,10 @@ import torch
 
 from vitsparse._progress import ProgressBar
 from vitsparse.errors import DataError
-from vitsparse.plan import PruningPlan
+from vitsparse.plan import PruningPlan, geometry_of
+from vitsparse.pruning._hooks import hooked
 from vitsparse.pruning.budget import Budget
-from vitsparse.pruning.structure import uniform_plan
-from vitsparse.pruning.structured_torch import geometry_of
+from vitsparse.pruning.uniform import uniform_plan
 
 
 def _stem(model, images: torch.Tensor) -> torch.Tensor:
@@ -47,8 +47,9 @@ def _tail(model, x: torch.Tensor, start: int, stream: torch.Tensor | None = None
 
 
 class _BlockMask:
-    """Forward hooks on one block that multiply its MLP activations or its head outputs (before
-    proj) by per-row masks (rows of the batch, channels)."""
+    """Forward hooks (``hooks``, registered by `hooked`) on one block that multiply its MLP
+    activations or its head outputs (before proj) by per-row masks (rows of the batch,
+    channels)."""
 
     def __init__(self, blk):
         self.mlp: torch.Tensor | None = None
@@ -64,14 +65,7 @@ class _BlockMask:
             (x,) = inputs
             return (x * self.heads.repeat_interleave(dim, dim=1)[:, None, :],)
 
-        self.handles = [
-            blk.mlp.act.register_forward_hook(mlp_hook),
-            blk.attn.proj.register_forward_pre_hook(head_hook),
-        ]
-
-    def close(self) -> None:
-        for handle in self.handles:
-            handle.remove()
+        self.hooks = [(blk.mlp.act, "forward", mlp_hook), (blk.attn.proj, "pre", head_hook)]
 
 
 def importance(
@@ -120,7 +114,7 @@ def importance(
 
         for i, blk in enumerate(model.blocks):
             hooks = _BlockMask(blk)
-            try:
+            with hooked(hooks.hooks):
 
                 def run_mlp(masks, i=i, hooks=hooks):
                     hooks.mlp = masks
@@ -136,8 +130,6 @@ def importance(
                     return _tail(model, x, i)
 
                 out["heads"].append(leave_one_out(geo.num_heads[i], run_heads))
-            finally:
-                hooks.close()
 
         def run_stream(masks):
             return _tail(model, inputs[0].repeat(len(masks) // n, 1, 1), 0, stream=masks)

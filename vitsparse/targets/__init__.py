@@ -1,33 +1,27 @@
-"""Compilation targets: presets resolved into TargetSpecs, and library export per target."""
+"""Compilation targets: presets resolved into TargetSpecs, the machine they are resolved on,
+library export per target, and the format of a target's measured cost table. Loaded on first
+use (presets and export need TVM; the cost-table format does not)."""
 
-from vitsparse.targets.export import (
-    check_toolchain,
-    compile_cuda_source,
-    cuda_source,
-    export_library,
-    nvcc_cuda_compile,
-)
-from vitsparse.targets.presets import (
-    DEFAULT_CUDA_ARCH,
-    PRESETS,
-    HostInfo,
-    TargetSpec,
-    detect_host,
-    list_presets,
-    resolve_target,
-)
+from vitsparse._lazy import lazy_api
 
-__all__ = [
-    "DEFAULT_CUDA_ARCH",
-    "PRESETS",
-    "HostInfo",
-    "TargetSpec",
-    "check_toolchain",
-    "compile_cuda_source",
-    "cuda_source",
-    "detect_host",
-    "export_library",
-    "list_presets",
-    "nvcc_cuda_compile",
-    "resolve_target",
-]
+_EXPORT = "vitsparse.targets.export"
+_HOST = "vitsparse.targets.host"
+_PRESETS = "vitsparse.targets.presets"
+_API = {
+    "check_toolchain": _EXPORT,
+    "compile_cuda_source": _EXPORT,
+    "cuda_source": _EXPORT,
+    "export_library": _EXPORT,
+    "nvcc_cuda_compile": _EXPORT,
+    "HostInfo": _HOST,
+    "detect_host": _HOST,
+    "host_info": _HOST,
+    "DEFAULT_CUDA_ARCH": _PRESETS,
+    "PRESETS": _PRESETS,
+    "TargetSpec": _PRESETS,
+    "list_presets": _PRESETS,
+    "resolve_target": _PRESETS,
+    "with_cores": _PRESETS,
+}
+__all__ = sorted(_API)
+__getattr__, __dir__ = lazy_api(__name__, _API)

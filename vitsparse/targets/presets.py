@@ -13,15 +13,15 @@ import dataclasses
 import enum
 import hashlib
 import json
-import os
 import platform
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from vitsparse._tvm import Target, host_cpu_name, tvm
+from vitsparse._tvm import Target, tvm
 from vitsparse.errors import TargetError
+from vitsparse.targets.host import HostInfo, detect_host, normalise_isa
 
 DEFAULT_CUDA_ARCH = "sm_80"
 """Ampere. nvcc 13 compiles sm_75 and newer; ``-arch sm_80`` also embeds compute_80 PTX, which
@@ -110,35 +110,6 @@ _CROSS_COMPILERS: Mapping[str, str] = {
     "x86_64": "x86_64-linux-gnu-g++",
 }
 
-_ISA_ALIASES: Mapping[str, str] = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64"}
-
-# /proc/cpuinfo flags -> SIMD level recorded in tuning keys, best first.
-_SIMD_LEVELS: tuple[tuple[str, str], ...] = (
-    ("avx512f", "avx512"),
-    ("avx2", "avx2"),
-    ("asimd", "neon"),
-    ("sse2", "sse2"),
-)
-
-
-@dataclass(frozen=True)
-class HostInfo:
-    """Facts about the compiling machine that presets depend on."""
-
-    isa: str  # 'x86_64' | 'aarch64' | ...
-    cpu_name: str  # LLVM's name, e.g. 'znver4'
-    physical_cores: int
-    cpu_flags: frozenset[str] = field(repr=False)
-    has_cuda_gpu: bool
-
-    @property
-    def simd(self) -> str:
-        """Best SIMD level of the host CPU, e.g. 'avx512', 'avx2', 'neon'."""
-        for flag, level in _SIMD_LEVELS:
-            if flag in self.cpu_flags:
-                return level
-        return "scalar"
-
 
 @dataclass(frozen=True)
 class TargetSpec:
@@ -186,37 +157,6 @@ class TargetSpec:
 def list_presets() -> list[str]:
     """Names accepted by :func:`resolve_target`."""
     return sorted(PRESETS)
-
-
-def detect_host() -> HostInfo:
-    """Inspect this machine (CPU name, physical cores, CPU flags, CUDA GPU)."""
-    flags: set[str] = set()
-    cores: set[tuple[str, str]] = set()
-    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
-    try:
-        with open("/proc/cpuinfo") as f:
-            blocks = f.read().split("\n\n")
-    except OSError:
-        blocks = []
-    for block in blocks:
-        info = dict(
-            (k.strip(), v.strip()) for k, _, v in (ln.partition(":") for ln in block.splitlines())
-        )
-        if "processor" not in info:
-            continue
-        if allowed is not None and int(info["processor"]) not in allowed:
-            continue
-        flags.update((info.get("flags") or info.get("Features") or "").split())
-        if "core id" in info:
-            cores.add((info.get("physical id", "0"), info["core id"]))
-    logical = len(allowed) if allowed is not None else (os.cpu_count() or 1)
-    return HostInfo(
-        isa=_normalise_isa(platform.machine()),
-        cpu_name=host_cpu_name(),
-        physical_cores=len(cores) or logical,
-        cpu_flags=frozenset(flags),
-        has_cuda_gpu=bool(tvm.cuda(0).exist),
-    )
 
 
 def resolve_target(
@@ -329,7 +269,7 @@ def _spec_from_target(name: str, target: Target, key: str, host: HostInfo | None
         raise TargetError(
             f"target kind {target.kind.name!r} is not supported; use one of {sorted(_KINDS)}"
         )
-    host_isa = host.isa if host is not None else _normalise_isa(platform.machine())
+    host_isa = host.isa if host is not None else normalise_isa(platform.machine())
     code_target = target.host if target.host is not None else target
     isa = _isa_of(code_target, host_isa)
     cross = None
@@ -388,12 +328,7 @@ def _arch_of(target: Target) -> str | None:
 def _isa_of(target: Target, host_isa: str) -> str:
     """ISA the host-side code of ``target`` runs on (LLVM targets without mtriple: this host)."""
     triple = _attr(target, "mtriple")
-    return _normalise_isa(triple.split("-")[0]) if triple else host_isa
-
-
-def _normalise_isa(name: str) -> str:
-    name = name.lower()
-    return _ISA_ALIASES.get(name, name)
+    return normalise_isa(triple.split("-")[0]) if triple else host_isa
 
 
 def _custom_key(target: Target) -> str:

@@ -1,0 +1,62 @@
+"""Compiled models run on every core the process may use unless the user says otherwise (TVM's
+runtime alone takes half of the logical CPUs on x86: one thread on a 2-vCPU machine)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from vitsparse.devices import available_cores
+
+# Compiles a small ViT with enough work per layer for threads to matter, then times run().
+RUN = """
+import json, time
+import numpy as np
+import vitsparse
+from vitsparse._tvm import tvm
+from vitsparse.frontend.testing import tiny_vit
+
+model = tiny_vit(depth=1, embed_dim=192, num_heads=3, img_size=224, patch_size=16)
+compiled = vitsparse.compile_model(model, target="x86")
+x = np.random.default_rng(0).standard_normal(compiled.input_shape, dtype=np.float32)
+for _ in range(10):
+    compiled.run(x)
+samples = []
+for _ in range(60):
+    start = time.perf_counter()
+    compiled.run(x)
+    samples.append(time.perf_counter() - start)
+print(json.dumps({"median_ms": float(np.median(samples)) * 1e3,
+                  "pool": int(tvm.get_global_func("runtime.NumThreads")())}))
+"""
+
+
+def _run(threads: int | None) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")}
+    if threads is not None:
+        env["TVM_NUM_THREADS"] = str(threads)
+    proc = subprocess.run(
+        [sys.executable, "-c", RUN], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(available_cores() < 2, reason="one core: nothing to parallelise")
+def test_run_uses_every_core_without_thread_settings():
+    cores = available_cores()
+    # Each setting twice, alternating, best of each: a busy spell of the machine hits both.
+    default, explicit = [], []
+    for _ in range(2):
+        default.append(_run(None))
+        explicit.append(_run(cores))
+    assert {r["pool"] for r in default} == {cores}
+    fastest_default = min(r["median_ms"] for r in default)
+    fastest_explicit = min(r["median_ms"] for r in explicit)
+    assert fastest_default <= 1.15 * fastest_explicit, (default, explicit)
+
+
+def test_the_users_thread_count_is_kept():
+    assert _run(1)["pool"] == 1

@@ -1,0 +1,119 @@
+"""What the commands share: argument groups and types, the model source check, progress lines
+and error messages, the RPC device options, and writing a report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from vitsparse._io import write_text_atomic
+from vitsparse.errors import ArtifactError, ModelError, TargetError
+
+EXIT_USAGE = 2
+
+
+def model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL", help="timm model name or path to an .onnx file")
+    p.add_argument("--batch", type=positive_int, default=1, metavar="B", help="batch size")
+    weights_args(p)
+
+
+def weights_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", metavar="FILE", help="torch.save'd weights for MODEL")
+    p.add_argument("--pretrained", action="store_true", help="timm's pretrained weights")
+
+
+def target_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--target",
+        default="x86",
+        metavar="T",
+        help="preset (`vitsparse targets` lists them) or a TVM target dict as JSON (default x86)",
+    )
+    p.add_argument("--cuda-arch", metavar="sm_XX", help="CUDA arch for --target cuda")
+
+
+def timing_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--threads", type=positive_int, metavar="N", help="default: all CPUs this process may use"
+    )
+    p.add_argument("--repeat", type=positive_int, default=10, metavar="R", help="samples")
+    p.add_argument("--number", type=positive_int, default=5, metavar="N", help="runs/sample")
+
+
+def db_arg(p: argparse.ArgumentParser, *, required: bool = False) -> None:
+    help_text = "tuning database root" + ("" if required else " (from `vitsparse tune`)")
+    p.add_argument("--db", metavar="DIR", required=required, help=help_text)
+
+
+def rpc_args(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--rpc", metavar="HOST:PORT", help=f"RPC tracker: {what}")
+    p.add_argument("--key", metavar="KEY", help="device key at the tracker (with --rpc)")
+
+
+def rpc_device(args: argparse.Namespace):
+    """The `RpcDevice` of ``--rpc``/``--key`` (None without them)."""
+    if args.rpc is None and args.key is None:
+        return None
+    if args.rpc is None or args.key is None:
+        raise TargetError("--rpc HOST:PORT and --key KEY go together")
+    from vitsparse.devices import RpcDevice, parse_address
+
+    parse_address(args.rpc)
+    return RpcDevice(args.rpc, args.key)
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not positive")
+    return value
+
+
+def output_file(text: str) -> Path:
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory, not a file name")
+    return path
+
+
+def model_source(text: str) -> str:
+    """MODEL as the API takes it; a path to a file other than .onnx gets a pointed message."""
+    path = Path(text)
+    if not text.lower().endswith(".onnx") and (path.suffix or "/" in text) and path.exists():
+        raise ModelError(
+            f"{text!r} is a file, but only .onnx files can be given as MODEL; for PyTorch "
+            "weights give the timm model name and --checkpoint FILE"
+        )
+    return text
+
+
+def check_artifact_dir(outdir: Path, manifest: str) -> None:
+    """Refuse to replace anything but an earlier artifact (export swaps the whole directory)."""
+    if outdir.exists() and not outdir.is_dir():
+        raise ArtifactError(f"output {str(outdir)!r} exists and is not a directory")
+    if outdir.is_dir() and any(outdir.iterdir()) and not (outdir / manifest).is_file():
+        raise ArtifactError(
+            f"output directory {str(outdir)!r} is not empty and holds no vitsparse artifact "
+            f"({manifest}); refusing to replace it, choose another -o"
+        )
+
+
+def write_json(path: Path, data) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
+def say(line: str) -> None:
+    """A progress line (on stderr, so stdout keeps the result)."""
+    print(line, file=sys.stderr, flush=True)
+
+
+def message(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.filename is not None and err.strerror:
+        return f"{err.strerror}: {err.filename}"
+    return str(err)

@@ -1,0 +1,67 @@
+"""``vitsparse compile``: a model (pruned by a plan, tuned by a database) into an artifact."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from vitsparse.cli._common import (
+    check_artifact_dir,
+    db_arg,
+    model_args,
+    model_source,
+    say,
+    target_args,
+)
+
+
+def add_parser(commands) -> None:
+    p = commands.add_parser("compile", help="compile a model into a deployable artifact")
+    model_args(p)
+    target_args(p)
+    db_arg(p)
+    p.add_argument("--dump-ir", metavar="DIR", help="write the module after each phase here")
+    p.add_argument("--plan", metavar="PLAN.json", help="compile the model pruned by this plan")
+    p.add_argument("-o", "--output", metavar="OUTDIR", required=True, help="artifact directory")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    from vitsparse.jobs.artifact import ARTIFACT_MANIFEST, sparsity_summary
+    from vitsparse.jobs.compile import compile_model
+
+    outdir = Path(args.output)
+    check_artifact_dir(outdir, ARTIFACT_MANIFEST)
+    say(f"[compile] compiling {args.model} for {args.target} ...")
+    compiled = compile_model(
+        model_source(args.model),
+        target=args.target,
+        batch=args.batch,
+        checkpoint=args.checkpoint,
+        pretrained=args.pretrained,
+        cuda_arch=args.cuda_arch,
+        db=args.db,
+        plan=args.plan,
+        dump_dir=args.dump_ir,
+    )
+    compiled.export(outdir)
+    graph = compiled.imported.graph
+    tuned = f"{compiled.tuned_kernels} kernels from the tuning database"
+    if args.db is None:
+        tuned = "none (no --db; hand-written schedules)"
+    elif compiled.tuned_kernels == 0:
+        tuned += f" (no records for {compiled.spec.key} under {args.db})"
+    files = ", ".join(f"{f.name} {f.stat().st_size / 1e6:.1f} MB" for f in sorted(outdir.iterdir()))
+    print(f"model     {graph.summary().splitlines()[0]}")
+    print(f"input     {'x'.join(str(d) for d in compiled.input_shape)} float32")
+    print(f"target    {compiled.spec.name} -> {compiled.spec.key}")
+    print(f"          {json.dumps(compiled.spec.to_json()['target'])}")
+    print(f"tuned     {tuned}")
+    if compiled.plan is not None:
+        plan = compiled.plan
+        print(f"plan      {args.plan} ({plan.method}, mean density {plan.mean_density:.3f})")
+        print(f"sparsity  {sparsity_summary(compiled)}")
+    print(f"artifact  {outdir} ({files})")
+    if not compiled.spec.runs_locally:
+        print("note      this machine cannot run the artifact; copy it to the device")

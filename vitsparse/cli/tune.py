@@ -1,0 +1,48 @@
+"""``vitsparse tune``: the model's kernels tuned into a per-target database (resumable)."""
+
+from __future__ import annotations
+
+import argparse
+
+from vitsparse.cli._common import (
+    db_arg,
+    model_args,
+    model_source,
+    positive_int,
+    rpc_args,
+    rpc_device,
+    say,
+    target_args,
+)
+
+
+def add_parser(commands) -> None:
+    p = commands.add_parser("tune", help="tune the model's kernels into a database")
+    model_args(p)
+    target_args(p)
+    db_arg(p, required=True)
+    p.add_argument("--trials", type=positive_int, metavar="N", help="total trial budget")
+    p.add_argument(
+        "--plan", metavar="PLAN.json", help="tune the model pruned by this plan (BSR kernels too)"
+    )
+    rpc_args(p, "build here, measure every candidate on a device of KEY")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    from vitsparse.jobs.tune import tune
+
+    report = tune(
+        model_source(args.model),
+        target=args.target,
+        db=args.db,
+        trials=args.trials,
+        batch=args.batch,
+        checkpoint=args.checkpoint,
+        pretrained=args.pretrained,
+        cuda_arch=args.cuda_arch,
+        plan=args.plan,
+        rpc=rpc_device(args),
+        progress=say,
+    )
+    print(report.summary())

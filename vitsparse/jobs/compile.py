@@ -1,0 +1,109 @@
+"""The compile job: import a ViT, run the pipeline for the plan and the target (tuned records
+from the target's database, hand-written rules for the rest), ``tvm.compile`` it.
+
+    compile_model(source, target=..., plan=..., db=...) -> CompiledModel (run, time, export)
+
+The target, database and plan are resolved once, before the import; `prepare` is where an
+imported model meets its plan (checked against the PyTorch model) and becomes a pipeline.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from vitsparse.errors import PlanError
+from vitsparse.frontend import ImportedModel, import_model
+from vitsparse.jobs._break_even import break_even_for
+from vitsparse.jobs._inputs import Inputs, resolve_inputs
+from vitsparse.jobs.artifact import CompiledModel
+from vitsparse.passes import pipeline
+from vitsparse.plan import PruningPlan, validate_plan
+from vitsparse.targets import TargetSpec
+
+
+def compile_model(
+    source,
+    *,
+    target: str | dict | TargetSpec = "x86",
+    batch: int = 1,
+    checkpoint: str | Path | None = None,
+    pretrained: bool = False,
+    cuda_arch: str | None = None,
+    db: str | Path | None = None,
+    plan: PruningPlan | str | Path | None = None,
+    dump_dir: str | Path | None = None,
+) -> CompiledModel:
+    """Import ``source`` (timm name, nn.Module or .onnx path) and compile it for ``target``.
+
+    ``db`` is a tuning-database root (``vitsparse tune`` writes it); the target's records are
+    used where they exist, the hand-written schedules everywhere else. ``plan`` (a PruningPlan or
+    its JSON file) compiles the pruned model: block-masked layers become BSR kernels where their
+    density is below the measured break-even, masked dense kernels elsewhere. ``dump_dir``
+    receives the module after every phase of the pipeline.
+    """
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    # Bad targets, databases and plan files fail before the (slow) import.
+    inputs = resolve_inputs(target=target, cuda_arch=cuda_arch, db=db, plan=plan)
+    imported = import_model(source, batch=batch, checkpoint=checkpoint, pretrained=pretrained)
+    return compile_resolved(imported, inputs, dump_dir=dump_dir)
+
+
+def compile_imported(
+    imported: ImportedModel,
+    *,
+    target: str | dict | TargetSpec = "x86",
+    cuda_arch: str | None = None,
+    db: str | Path | None = None,
+    plan: PruningPlan | str | Path | None = None,
+    dump_dir: str | Path | None = None,
+) -> CompiledModel:
+    """Compile an already-imported model (see compile_model)."""
+    inputs = resolve_inputs(target=target, cuda_arch=cuda_arch, db=db, plan=plan)
+    return compile_resolved(imported, inputs, dump_dir=dump_dir)
+
+
+def compile_resolved(
+    imported: ImportedModel, inputs: Inputs, *, dump_dir: str | Path | None = None
+) -> CompiledModel:
+    """Compile ``imported`` with inputs a job resolved already (`resolve_inputs`)."""
+    mod, config, params = prepare(
+        imported, inputs.spec, inputs.plan, database=inputs.database, dump_dir=dump_dir
+    )
+    optimized = pipeline.optimize(mod, config, params)
+    executable = pipeline.compile_module(optimized, inputs.spec.target)
+    tuned = pipeline.count_tuned(optimized)
+    return CompiledModel(executable, inputs.spec, imported, tuned, inputs.plan, config.decisions)
+
+
+def prepare(
+    imported: ImportedModel,
+    spec: TargetSpec,
+    plan: PruningPlan | None = None,
+    *,
+    database=None,
+    dump_dir: str | Path | None = None,
+) -> tuple[object, pipeline.PipelineConfig, dict[str, np.ndarray]]:
+    """The module, pipeline config and weights that compile (or tune) ``imported`` for ``spec``,
+    pruned by ``plan`` when given (checked against the PyTorch model first). The config's
+    ``decisions`` fill with BlockSparsify's per-layer choices while the pipeline runs."""
+    if plan is not None:
+        if imported.torch_model is not None:
+            validate_plan(plan, imported.torch_model)
+        if plan.structure is not None and not plan.structure.empty and imported.torch_model is None:
+            raise PlanError(
+                f"{imported.model_id}: structural pruning (heads, MLP, embedding, tokens) "
+                "compiles PyTorch imports only; give the timm name or nn.Module, not ONNX"
+            )
+    config = pipeline.PipelineConfig(
+        target=spec.target,
+        schedule_family=spec.schedule_family,
+        database=database,
+        plan=plan,
+        graph=imported.graph if plan is not None else None,
+        break_even=break_even_for(spec) if plan is not None else None,
+        dump_dir=Path(dump_dir) if dump_dir is not None else None,
+    )
+    return imported.mod, config, imported.params

@@ -1,0 +1,210 @@
+"""The prune job: from a model source and a budget spec to a PruningPlan, by explicit fractions
+(magnitude or random block masks and structures, in one plan) or by a criterion under a budget
+(`vitsparse.pruning.criteria`); and what the plan is predicted to keep (FLOPs, weights, and
+its fidelity on calibration images where the weights are reproducible)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from vitsparse.data.digits import DIGITS_MODEL
+from vitsparse.data.sources import load_images
+from vitsparse.errors import ModelError, PlanError
+from vitsparse.frontend import load_torch_model
+from vitsparse.plan import PruningPlan, parse_block_size
+from vitsparse.pruning import flops as counts
+from vitsparse.pruning.budget import Budget
+from vitsparse.pruning.compose import compose_plan
+from vitsparse.pruning.criteria import criterion, make_plan
+from vitsparse.pruning.evaluate import evaluate
+from vitsparse.pruning.fractions import parse_block_spec, structure_plan
+
+
+def prune(
+    source: str | torch.nn.Module,
+    *,
+    method: str,
+    blocks: str | None = None,
+    heads: float | None = None,
+    mlp: float | None = None,
+    embed: float | None = None,
+    tokens: str | None = None,
+    token_rule: str = "cls_attention",
+    layers: Sequence[str] | None = None,
+    seed: int = 0,
+    checkpoint: str | Path | None = None,
+    pretrained: bool = False,
+    budget: str | None = None,
+    calib: str | Path | None = None,
+    calib_size: int = 256,
+    knobs: dict | None = None,
+    progress=None,
+) -> PruningPlan:
+    """Make a pruning plan for a model: structures (heads, MLP neurons, embedding channels,
+    tokens) and/or block masks, composed in one plan (the masks on the sliced weights); or, with
+    ``method="lpvit"`` (block masks) or ``"upvit"`` (heads, MLP neurons, embedding channels),
+    the criterion's plan that meets ``budget`` (``"flops=0.5"``), computed from ``calib_size``
+    calibration images of ``calib`` (see ``vitsparse.data.sources``; default ``"synthetic"``).
+
+    Parameters
+    ----------
+    source
+        A timm model name or an ``nn.Module`` (see ``vitsparse.frontend.load_torch_model``).
+        Pruning reads the PyTorch weights, so ONNX files are not accepted.
+    method
+        Without a budget: ``"magnitude"`` or ``"random"`` (see ``block_mask_plan``).
+    blocks
+        ``"ROWSxCOLS:KEEP"``: block size and the fraction of blocks each layer keeps.
+    heads, mlp, embed
+        Fractions of each block's heads and MLP neurons, and of the embedding channels, kept.
+    tokens, token_rule
+        ``"KEEP@BLOCKS"`` (e.g. ``"0.7@4,7,10"``) and its scoring rule; see
+        ``vitsparse.pruning.fractions``.
+    layers
+        ``fnmatch`` patterns on linear layer names; default every linear layer of the
+        transformer blocks.
+    seed
+        Seed of the random method.
+    checkpoint, pretrained
+        Weights to load, as in ``load_torch_model``. Without either, a timm name gets timm's
+        random initialisation, different on every call, and the plan's weights hash matches
+        only that one model.
+
+    Raises
+    ------
+    PlanError
+        A malformed spec or a budget the model cannot take (see ``block_mask_plan``).
+    ModelError
+        The model cannot be loaded.
+    """
+    if isinstance(source, (str, Path)) and str(source).lower().endswith(".onnx"):
+        raise ModelError(
+            f"pruning reads the PyTorch weights; {str(source)!r} is an ONNX file. Give the timm "
+            "model name, with --checkpoint FILE for your weights"
+        )
+    fractions = {"heads": heads, "mlp": mlp, "embed": embed, "tokens": tokens}
+    given = {name: value for name, value in fractions.items() if value is not None}
+    if budget is not None and given:
+        raise PlanError(
+            "a budget lets the criterion choose what to keep; do not also give heads, mlp, "
+            "embed or tokens fractions"
+        )
+    if budget is not None or method not in ("magnitude", "random"):
+        make = _criterion(method, budget, blocks, layers, knobs, calib, calib_size, progress)
+        model, model_id = load_torch_model(source, checkpoint=checkpoint, pretrained=pretrained)
+        return make(model, model_id)
+    if blocks is None and not given:
+        raise PlanError("nothing to prune: give blocks, heads, mlp, embed and/or tokens")
+    spec = None if blocks is None else parse_block_spec(blocks)
+    model, model_id = load_torch_model(source, checkpoint=checkpoint, pretrained=pretrained)
+    structure = structure_plan(model, method=method, token_rule=token_rule, seed=seed, **given)
+    return compose_plan(
+        model,
+        model_id=model_id,
+        method=method,
+        block_spec=spec,
+        structure=structure,
+        layers=layers,
+        seed=seed,
+    )
+
+
+def _criterion(method, budget, blocks, layers, knobs, calib, calib_size, progress):
+    """The request for a criterion's plan under a budget (see `vitsparse.pruning.criteria`),
+    checked before any model loads; then the function that makes the plan of the loaded model,
+    ``make(model, model_id)``."""
+    spec = criterion(method)
+    if budget is None:
+        raise PlanError(f"{method} needs a budget, e.g. flops=0.5")
+    parsed = Budget.parse(budget)
+    knobs = dict(knobs or {})
+    if blocks is not None:
+        if "block" not in spec.knobs:
+            raise PlanError(f"{method} does not prune blocks; --blocks does not apply")
+        try:
+            knobs["block"] = parse_block_size(blocks)
+        except ValueError:
+            raise PlanError(
+                f"with a budget, blocks is a block size ROWSxCOLS (e.g. 16x16), got {blocks!r}"
+            ) from None
+    if layers is not None:
+        if method != "lpvit":
+            raise PlanError(
+                f"layer patterns apply to lpvit and to explicit block masks, not {method}"
+            )
+        knobs["layers"] = list(layers)
+
+    def make(model, model_id):
+        images = None
+        if spec.reads_calibration:
+            size = model.patch_embed.img_size[0]
+            images = load_images(calib or "synthetic", image_size=size, limit=calib_size).images
+        return make_plan(
+            method, model, images, parsed, model_id=model_id, knobs=knobs, progress=progress
+        )
+
+    return make
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What a plan keeps of its model: MACs and weights, and (where measured) its fidelity to
+    the dense model on calibration images."""
+
+    flops_kept: float
+    macs: int
+    params_kept: float
+    params: int
+    fidelity_data: str | None = None
+    fidelity_images: int = 0
+    agreement: float | None = None
+    mean_kl: float | None = None
+
+
+def prune_and_predict(source, **options) -> tuple[PruningPlan, Prediction]:
+    """`prune` (``options`` are its keyword arguments), then `predict` of the plan with the same
+    weights and calibration images."""
+    plan = prune(source, **options)
+    keys = ("calib", "calib_size", "checkpoint", "pretrained")
+    return plan, predict(source, plan, **{k: options[k] for k in keys if k in options})
+
+
+def predict(
+    source,
+    plan: PruningPlan,
+    *,
+    calib: str | Path | None = None,
+    calib_size: int = 256,
+    checkpoint: str | Path | None = None,
+    pretrained: bool = False,
+) -> Prediction:
+    """The kept fraction of ``source``'s FLOPs and weights under ``plan``; with ``calib`` and
+    weights that another process gets again (a checkpoint, pretrained weights or the built-in
+    model), the fidelity on those images too."""
+    model, _ = load_torch_model(source, checkpoint=checkpoint, pretrained=pretrained)
+    reproducible = checkpoint or pretrained or source == DIGITS_MODEL
+    return _predict(model, plan, calib if reproducible else None, calib_size)
+
+
+def _predict(model, plan: PruningPlan, calib, calib_size: int) -> Prediction:
+    pruned, dense = counts.flops(model, plan), counts.flops(model)
+    weights = counts.params(model, plan)
+    out = Prediction(pruned.ratio(dense), pruned.macs, weights / counts.params(model), weights)
+    if not calib:
+        return out
+    data = load_images(calib, image_size=model.patch_embed.img_size[0], limit=calib_size)
+    report = evaluate(model, data, plan)
+    return Prediction(
+        out.flops_kept,
+        out.macs,
+        out.params_kept,
+        out.params,
+        data.name,
+        len(data),
+        report.agreement,
+        report.mean_kl,
+    )

@@ -1,0 +1,74 @@
+"""One dense or BSR linear kernel as it is measured on its own (a cost table's kernel points,
+the break-even density of a layer shape, the kernel benchmark): the kernel with its hand-written
+schedule, the arguments to run it on (random input, weights and bias; the weights packed, or
+masked to the density and stored as BSR), and the output it must write (numpy's)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from vitsparse._tvm import IRModule, Schedule
+from vitsparse.schedules import bsr, dense
+
+
+@dataclass(frozen=True)
+class KernelCase:
+    """A scheduled kernel (``main`` writes its last argument), its arguments, the output it must
+    write, and the kept fraction of the weight's blocks (1.0 for dense)."""
+
+    mod: IRModule
+    args: list[np.ndarray]
+    expected: np.ndarray
+    density: float
+
+    def error(self, output: np.ndarray) -> float:
+        """Largest absolute difference of ``output`` from `expected`."""
+        return float(np.abs(np.asarray(output) - self.expected).max())
+
+
+def dense_case(m: int, k: int, n: int, target, *, seed: int = 0) -> KernelCase:
+    """The packed dense kernel for an (m, k) input and an (n, k) weight."""
+    x, w, b, y = _operands(m, k, n, seed)
+    shape = dense.DenseShape(m, k, n, "none", dense.choose_row_tile(m))
+    sch = Schedule(dense.dense_primfunc(shape).with_attr("global_symbol", "main"))
+    dense.schedule_dense_cpu(sch, dense.default_knobs(shape))
+    return KernelCase(sch.mod, [x, dense.pack_weight(w), b, y], x @ w.T + b, 1.0)
+
+
+def bsr_case(
+    m: int, k: int, n: int, block: tuple[int, int], density: float, target, *, seed: int = 0
+) -> KernelCase:
+    """The BSR kernel for an (n, k) weight keeping ``round(density * blocks)`` of its blocks (at
+    least one), drawn at random."""
+    x, w, b, y = _operands(m, k, n, seed)
+    grid = (n // block[0], k // block[1])
+    kept = np.zeros(grid[0] * grid[1], dtype=bool)
+    order = np.random.default_rng([seed, 1]).permutation(kept.size)
+    kept[order[: max(1, round(density * kept.size))]] = True
+    packed = bsr.to_bsr(w, kept.reshape(grid), tuple(block))
+    shape = bsr.BSRShape.of(m, packed, target=target)
+    mod = IRModule({"main": bsr.scheduled_cpu(shape, target)})
+    args = [x, packed.data, packed.indices, packed.indptr, b, y]
+    return KernelCase(mod, args, x @ packed.to_dense().T + b, packed.density)
+
+
+def check_kernel(case: KernelCase, output: np.ndarray, what: str, rtol: float = 1e-4) -> None:
+    """RuntimeError unless ``output`` is the case's expected output to within ``rtol`` of its
+    largest magnitude (float32 sums over K inputs drift; a wrong kernel is off by the values
+    themselves). A timing of a wrong kernel is worth nothing."""
+    error = case.error(output)
+    scale = max(1.0, float(np.abs(case.expected).max()))
+    if not error <= rtol * scale:
+        raise RuntimeError(
+            f"kernel {what} computed a wrong result (max error {error:.2e}, scale {scale:.1f})"
+        )
+
+
+def _operands(m: int, k: int, n: int, seed: int):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((m, k), dtype=np.float32)
+    w = rng.standard_normal((n, k), dtype=np.float32)
+    b = rng.standard_normal(n, dtype=np.float32)
+    return x, w, b, np.zeros((m, n), np.float32)
