@@ -11,7 +11,10 @@ $(STAMP): pyproject.toml scripts/install_system_deps.sh scripts/setup_arm_qemu.s
 	PYTHON=$(PYTHON) bash scripts/setup_arm_qemu.sh
 	touch $(STAMP)
 
-install: $(STAMP)
+# The stamp outlives the packages when the Python environment is replaced: check the imports too.
+install:
+	@$(PYTHON) -c "import vitsparse, tvm" 2>/dev/null || rm -f $(STAMP)
+	@$(MAKE) --no-print-directory $(STAMP)
 
 demo: install
 	vitsparse demo

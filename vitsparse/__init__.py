@@ -5,8 +5,12 @@ The public API (imported lazily: `import vitsparse` stays cheap):
     compile_model -- import and compile for a target; returns a CompiledModel (run/time/export)
     tune          -- MetaSchedule tuning job into a per-target database (resumable)
     bench         -- compiled model vs PyTorch eager vs ONNX Runtime
+    finetune      -- recover a pruned model's accuracy by distillation; a checkpoint and the
+                     plan re-issued for it
+    search        -- prune to a latency/energy budget measured on the target, re-planning from
+                     what it measured; the front, the chosen plan and its artifact
     prune         -- a PruningPlan: explicit fractions (magnitude or random), or a criterion
-                     (magnitude, lpvit, nvit, upvit, cpvit) under a budget;
+                     (magnitude, lpvit, nvit, upvit, cpvit, combined) under a budget;
                      apply_plan_to_torch gives the PyTorch reference of a plan
     flops         -- MACs/FLOPs of a (pruned) model, analytic or read off a Relax module
     params        -- weights of a (pruned) model
@@ -23,6 +27,8 @@ _API = {
     "bench": "vitsparse.jobs.bench",
     "resolve_target": "vitsparse.targets.presets",
     "prune": "vitsparse.jobs.prune",
+    "finetune": "vitsparse.jobs.finetune",
+    "search": "vitsparse.jobs.search",
     "PruningPlan": "vitsparse.plan.format",
     "apply_plan_to_torch": "vitsparse.plan.reference",
     "flops": "vitsparse.jobs.flops",

@@ -24,11 +24,12 @@ class ProgressBar:
         self.done, self._next = 0, 0.0
         self._show()
 
-    def advance(self, count: int = 1) -> None:
+    def advance(self, count: int = 1, note: str = "") -> None:
+        """``count`` more done; ``note`` (e.g. a running loss) follows the bar when it shows."""
         self.done = min(self.total, self.done + count)
-        self._show()
+        self._show(note)
 
-    def _show(self) -> None:
+    def _show(self, note: str = "") -> None:
         if self.say is None:
             return
         fraction = 1.0 if self.total == 0 else self.done / self.total
@@ -38,4 +39,5 @@ class ProgressBar:
             self._next += self.step
         filled = round(fraction * self.width)
         bar = "#" * filled + "." * (self.width - filled)
-        self.say(f"{self.label} [{bar}] {fraction:4.0%} {self.done}/{self.total}")
+        line = f"{self.label} [{bar}] {fraction:4.0%} {self.done}/{self.total}"
+        self.say(f"{line} {note}" if note else line)

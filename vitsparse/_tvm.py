@@ -53,6 +53,7 @@ for _error in (
     errors.ArtifactError,
     errors.PlanError,
     errors.DataError,
+    errors.TrainingError,
 ):
     tvm_ffi.register_error(_error)
 

@@ -36,3 +36,11 @@ class PlanError(VitsparseError):
 
 class DataError(VitsparseError):
     """Calibration or evaluation data that cannot be used (missing, empty, wrong shape)."""
+
+
+class TrainingError(VitsparseError):
+    """A fine-tuning job that cannot run as asked: its budget, options or output directory."""
+
+
+class SearchError(VitsparseError):
+    """A search that cannot meet its budget, or whose journal belongs to another search."""

@@ -14,14 +14,26 @@ import sys
 from collections.abc import Sequence
 
 from vitsparse._versions import VERSION
-from vitsparse.cli import bench, demo, profile, prune, rpc, targets, tune
+from vitsparse.cli import bench, demo, finetune, profile, prune, rpc, search, targets, tune
 from vitsparse.cli import compile as compile_command
 from vitsparse.cli import eval as eval_command
 from vitsparse.cli._common import EXIT_USAGE, message
 from vitsparse.errors import VitsparseError
 
 # In the order `vitsparse --help` lists them.
-COMMANDS = (compile_command, bench, tune, profile, rpc, eval_command, prune, demo, targets)
+COMMANDS = (
+    compile_command,
+    bench,
+    tune,
+    profile,
+    rpc,
+    eval_command,
+    prune,
+    finetune,
+    search,
+    demo,
+    targets,
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

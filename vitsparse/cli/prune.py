@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 
 from vitsparse.cli._common import model_source, output_file, positive_int, say, weights_args
+from vitsparse.cli.finetune import data_args
 from vitsparse.data.digits import DIGITS_MODEL
+from vitsparse.errors import TrainingError
 from vitsparse.pruning import BLOCK_SCORES, CRITERIA
 from vitsparse.pruning.criteria import parse_knob_args
 
@@ -23,13 +25,15 @@ def add_parser(commands) -> None:
         "magnitude (largest L1 kept) or random. With --budget: magnitude (uniform baseline; "
         "--knob kind=blocks|structure), lpvit (block masks, Taylor scores allocated across "
         "layers), nvit (Fisher group saliency, global ranking of embedding channels, heads, q/k "
-        "and v dims, MLP neurons), upvit (KL leave-one-out channels, uniform ratios) or cpvit "
-        "(cascade token keep counts and heads from attention)",
+        "and v dims, MLP neurons), upvit (KL leave-one-out channels, uniform ratios), cpvit "
+        "(cascade token keep counts and heads from attention) or combined (block masks, heads/"
+        "MLP neurons and tokens in one plan, greedy on saving per unit of distortion)",
     )
     p.add_argument(
         "--budget",
         metavar="METRIC=F",
-        help="what the criterion keeps: flops=F or params=F (a fraction of the dense model)",
+        help="what the criterion keeps: flops=F or params=F (a fraction of the dense model); "
+        "latency and energy budgets are measured on a target: `vitsparse search`",
     )
     p.add_argument(
         "--knob",
@@ -78,14 +82,34 @@ def add_parser(commands) -> None:
     p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of --method random")
     weights_args(p)
     p.add_argument("-o", "--output", type=output_file, required=True, metavar="PLAN.json")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument(
+        "--finetune-steps",
+        type=positive_int,
+        metavar="N",
+        help="then fine-tune the pruned model for N steps (vitsparse finetune's defaults) on "
+        "--data, into --finetune-out",
+    )
+    budget.add_argument("--finetune-epochs", type=positive_int, metavar="E", help="or E epochs")
+    data_args(p, "--data", required=False)
+    p.add_argument(
+        "--finetune-out",
+        metavar="OUTDIR",
+        help="the fine-tune's output (default: PLAN-finetuned beside -o)",
+    )
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> None:
     from vitsparse.jobs.prune import prune_and_predict
 
-    plan, prediction = prune_and_predict(
+    finetune = _finetune_options(args)
+    if finetune is not None:
+        say(_resume_hint(args, finetune))
+    result = prune_and_predict(
         model_source(args.model),
+        finetune=finetune,
+        plan_out=args.output,
         method=args.method,
         blocks=args.blocks,
         heads=args.heads,
@@ -103,7 +127,7 @@ def run(args: argparse.Namespace) -> None:
         checkpoint=args.checkpoint,
         pretrained=args.pretrained,
     )
-    plan.save(args.output)
+    plan = result.plan
     print(f"model     {plan.model_id} (weights {plan.weights_hash[:19]}...)")
     seed = f", seed {args.seed}" if plan.method == "random" else ""
     print(f"method    {plan.method}{seed}")
@@ -137,13 +161,60 @@ def run(args: argparse.Namespace) -> None:
             f"max {max(densities):.3f})"
         )
         print(f"flops     {plan.kept_mac_fraction:.1%} of the masked layers' multiply-adds kept")
-    _print_prediction(prediction)
+    _print_prediction(result.prediction)
     print(f"plan      {args.output}")
-    if args.checkpoint is None and not args.pretrained and args.model != DIGITS_MODEL:
+    if result.finetuned is not None:
+        print(result.finetuned.summary())
+    if (
+        args.checkpoint is None
+        and not args.pretrained
+        and args.model != DIGITS_MODEL
+        and not result.finetuned
+    ):
         print(
             "note      timm's random weights (no --checkpoint/--pretrained): the plan's weights "
             "hash matches no other instance of the model"
         )
+
+
+def _finetune_options(args: argparse.Namespace) -> dict | None:
+    """`vitsparse.jobs.finetune.finetune`'s options from --finetune-* and --data (None when no
+    fine-tune is asked for); TrainingError when they do not go together."""
+    wanted = args.finetune_steps or args.finetune_epochs
+    if not wanted:
+        if args.data is not None or args.finetune_out is not None:
+            raise TrainingError(
+                "--data and --finetune-out go with --finetune-steps N or --finetune-epochs E"
+            )
+        return None
+    if args.data is None:
+        raise TrainingError("--finetune-steps/--finetune-epochs need --data SRC to train on")
+    out = args.finetune_out or args.output.with_name(f"{args.output.stem}-finetuned")
+    return {
+        "data": args.data,
+        "out": out,
+        "steps": args.finetune_steps,
+        "epochs": args.finetune_epochs,
+    }
+
+
+def _resume_hint(args: argparse.Namespace, finetune: dict) -> str:
+    """How to resume the fine-tune after an interruption (or why it cannot be)."""
+    if args.checkpoint is None and not args.pretrained and args.model != DIGITS_MODEL:
+        return (
+            "[prune] random weights (no --checkpoint/--pretrained): an interrupted fine-tune "
+            "cannot be resumed in another process"
+        )
+    weights = f" --checkpoint {args.checkpoint}" if args.checkpoint else ""
+    weights += " --pretrained" if args.pretrained else ""
+    budget = (
+        f"--steps {finetune['steps']}" if finetune["steps"] else f"--epochs {finetune['epochs']}"
+    )
+    return (
+        f"[prune] the plan goes to {args.output} before the fine-tune; to resume an interrupted "
+        f"one: vitsparse finetune {args.model}{weights} --plan {args.output} --data "
+        f"{finetune['data']} {budget} -o {finetune['out']} --resume"
+    )
 
 
 def _print_prediction(kept) -> None:

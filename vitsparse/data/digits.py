@@ -14,11 +14,12 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-from pathlib import Path
 
 import numpy as np
 import torch
+
+from vitsparse._io import cache_dir, write_bytes_atomic
+from vitsparse.errors import DataError
 
 DIGITS_MODEL = "vitsparse/digits_vit"
 IMAGE_SIZE = 32
@@ -34,8 +35,13 @@ RECIPE = {
 }
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("VITSPARSE_CACHE", Path.home() / ".cache" / "vitsparse"))
+def check_image_size(image_size: int) -> None:
+    """DataError unless a model takes the digits' image size."""
+    if image_size != IMAGE_SIZE:
+        raise DataError(
+            f"the digits images are {IMAGE_SIZE}x{IMAGE_SIZE}; this model takes "
+            f"{image_size}x{image_size} (use an ImageFolder or 'synthetic' for it)"
+        )
 
 
 def digits_split(split: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,12 +87,9 @@ def digits_vit(*, progress=None) -> torch.nn.Module:
         model.load_state_dict(torch.load(path, weights_only=True))
         return model.eval()
     _train(model, progress or (lambda _msg: None))
-    path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(buffer.getvalue())
-    os.replace(tmp, path)  # atomic: a concurrent reader sees the old state or the whole file
+    write_bytes_atomic(path, buffer.getvalue())  # a concurrent reader sees none or all of it
     return model.eval()
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from vitsparse.data.digits import IMAGE_SIZE, digits_split
+from vitsparse.data.digits import check_image_size, digits_split
 from vitsparse.errors import DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -45,11 +45,7 @@ def load_images(
         raise DataError(f"limit must be a positive number of images, got {limit}")
     name = str(source)
     if name in ("digits", "digits-train"):
-        if image_size != IMAGE_SIZE:
-            raise DataError(
-                f"the digits images are {IMAGE_SIZE}x{IMAGE_SIZE}; this model takes "
-                f"{image_size}x{image_size} (use an ImageFolder or 'synthetic' for it)"
-            )
+        check_image_size(image_size)
         images, labels = digits_split("test" if name == "digits" else "train")
         out = ImageSet(name, images, labels)
     elif name == "synthetic":

@@ -46,7 +46,7 @@ def profile(
     target="x86",
     out: str | Path = "cost.json",
     *,
-    grid: str = "default",
+    grid: str | Grid = "default",
     rpc=None,
     cuda_arch: str | None = None,
     energy_seconds: float = 1.0,
@@ -57,10 +57,15 @@ def profile(
 
     ``rpc`` (a `vitsparse.devices.RpcDevice`) measures on a device behind a tracker; the
     kernels are built here. ``energy_seconds``: window per point for energy where this machine's
-    device has a meter (0 skips)."""
+    device has a meter (0 skips). ``grid``: a name in `GRIDS` or a `Grid` (its ``name`` is
+    recorded in the table)."""
     say = progress or (lambda _msg: None)
-    if grid not in GRIDS:
+    if isinstance(grid, Grid):
+        g, grid = grid, grid.name
+    elif grid not in GRIDS:
         raise TargetError(f"unknown profile grid {grid!r}; known: {', '.join(GRIDS)}")
+    else:
+        g = GRIDS[grid]
     spec = resolve_inputs(target=target, cuda_arch=cuda_arch).spec
     check_measurable(spec, rpc, "profiling")
     out = Path(out)
@@ -69,7 +74,6 @@ def profile(
     bench = _Bench(spec, rpc, energy_seconds)
     table.meter = bench.meter_note
     table.emulated = bench.emulated
-    g = GRIDS[grid]
     held_kernels, held_blocks = g.held_out_points()
     todo = [
         ("kernels", p, kernel_key(p), _measure_kernel) for p in g.kernel_points() + held_kernels

@@ -26,6 +26,31 @@ class Grid:
     mlp: tuple[int, ...]
     block_tokens: tuple[int, ...]
     held_out: int
+    name: str = "custom"
+
+    @classmethod
+    def for_geometry(cls, embed: int, heads: int, head_dim: int, mlp: int, tokens: int) -> Grid:
+        """A small grid spanning what pruning makes of one model: its dense shapes down to a
+        quarter of its widths (half its embedding, heads and head dim) and tokens, 16x16 blocks
+        (about 80 points). Its name spells the geometry, so a cache of it is keyed by model."""
+
+        def m16(value: float) -> int:
+            return max(16, int(round(value / 16)) * 16)
+
+        return cls(
+            tokens=(max(2, tokens // 4), tokens),
+            k=(m16(embed / 4), m16(max(embed, mlp))),
+            n=(m16(embed / 4), m16(max(3 * embed, mlp))),
+            blocks=((16, 16),),
+            densities=(0.1, 0.3, 0.6, 0.9),
+            embed=tuple(sorted({m16(embed / 2), embed})),
+            heads=tuple(sorted({max(1, heads // 2), heads})),
+            head_dim=tuple(sorted({max(8, head_dim // 2), head_dim})),
+            mlp=tuple(sorted({m16(mlp / 4), mlp})),
+            block_tokens=(max(2, tokens // 4), tokens),
+            held_out=3,
+            name=f"model-e{embed}-h{heads}-d{head_dim}-f{mlp}-t{tokens}",
+        )
 
     def kernel_points(self) -> list[dict]:
         points = []
@@ -109,6 +134,7 @@ GRIDS: dict[str, Grid] = {
         mlp=(768, 1536),
         block_tokens=(50, 197),
         held_out=8,
+        name="default",
     ),
     # A few seconds a point on this machine: for trying the command and for the tests.
     "small": Grid(
@@ -123,5 +149,6 @@ GRIDS: dict[str, Grid] = {
         mlp=(128,),
         block_tokens=(17, 50),
         held_out=3,
+        name="small",
     ),
 }

@@ -5,6 +5,7 @@ its fidelity on calibration images where the weights are reproducible)."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,9 +16,12 @@ from vitsparse.data.digits import DIGITS_MODEL
 from vitsparse.data.sources import load_images
 from vitsparse.errors import ModelError, PlanError
 from vitsparse.frontend import load_torch_model
+from vitsparse.jobs.finetune import check_output
+from vitsparse.jobs.finetune import finetune as run_finetune
+from vitsparse.jobs.finetune_report import FinetuneReport
 from vitsparse.plan import PruningPlan, parse_block_size
 from vitsparse.pruning import flops as counts
-from vitsparse.pruning.budget import Budget
+from vitsparse.pruning.budget import Budget, MeasuredBudget
 from vitsparse.pruning.compose import compose_plan
 from vitsparse.pruning.criteria import criterion, make_plan
 from vitsparse.pruning.evaluate import evaluate
@@ -120,6 +124,12 @@ def _criterion(method, budget, blocks, layers, knobs, calib, calib_size, progres
     spec = criterion(method)
     if budget is None:
         raise PlanError(f"{method} needs a budget, e.g. flops=0.5")
+    if isinstance(budget, str) and budget.strip().lower().startswith(("latency", "energy")):
+        MeasuredBudget.parse(budget)  # a malformed one is named as such
+        raise PlanError(
+            f"budget {budget!r} is measured on a target; prune spends flops= or params= "
+            "budgets. Use `vitsparse search MODEL --target T --budget ...` for measured budgets"
+        )
     parsed = Budget.parse(budget)
     knobs = dict(knobs or {})
     if blocks is not None:
@@ -165,12 +175,49 @@ class Prediction:
     mean_kl: float | None = None
 
 
-def prune_and_predict(source, **options) -> tuple[PruningPlan, Prediction]:
+@dataclass(frozen=True)
+class PruneResult:
+    """What `prune_and_predict` made: the plan, what it keeps, and, with a fine-tune, its
+    report (the fine-tuned checkpoint and re-issued plan are in the report's ``out``)."""
+
+    plan: PruningPlan
+    prediction: Prediction
+    finetuned: FinetuneReport | None = None
+
+
+def prune_and_predict(
+    source,
+    *,
+    finetune: dict | None = None,
+    plan_out: str | Path | None = None,
+    **options,
+) -> PruneResult:
     """`prune` (``options`` are its keyword arguments), then `predict` of the plan with the same
-    weights and calibration images."""
-    plan = prune(source, **options)
+    weights and calibration images; the plan is saved to ``plan_out`` when given. With
+    ``finetune`` (`vitsparse.jobs.finetune.finetune`'s keyword arguments: ``data``, ``out``, the
+    budget, ...), the plan is then fine-tuned on the very model it was made for (prune, then
+    recover, in one call): its output is checked before pruning starts, and the plan is saved
+    before the fine-tune, so an interrupted fine-tune can be resumed from it."""
     keys = ("calib", "calib_size", "checkpoint", "pretrained")
-    return plan, predict(source, plan, **{k: options[k] for k in keys if k in options})
+    if finetune is None:
+        plan = prune(source, **options)
+        if plan_out is not None:
+            plan.save(plan_out)
+        return PruneResult(
+            plan, predict(source, plan, **{k: options[k] for k in keys if k in options})
+        )
+    check_output(finetune["out"], finetune.get("resume", False))
+    checkpoint, pretrained = options.pop("checkpoint", None), options.pop("pretrained", False)
+    model, model_id = load_torch_model(source, checkpoint=checkpoint, pretrained=pretrained)
+    plan = dataclasses.replace(prune(model, **options), model_id=model_id)
+    if plan_out is not None:
+        plan.save(plan_out)
+    report = run_finetune(
+        model, plan=plan, model_id=model_id, progress=options.get("progress"), **finetune
+    )
+    reproducible = checkpoint or pretrained or source == DIGITS_MODEL
+    calib = options.get("calib") if reproducible else None
+    return PruneResult(plan, _predict(model, plan, calib, options.get("calib_size", 256)), report)
 
 
 def predict(

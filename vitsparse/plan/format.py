@@ -47,6 +47,7 @@ from __future__ import annotations
 import base64
 import binascii
 import copy
+import hashlib
 import json
 import math
 import re
@@ -252,6 +253,11 @@ class PruningPlan:
                 else {"structure": None if self.structure is None else self.structure.to_json()}
             ),
         }
+
+    def digest(self) -> str:
+        """sha256 (hex) of the plan's JSON: two plans with the same digest are the same plan."""
+        text = json.dumps(self.to_json(), sort_keys=True)
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
     @classmethod
     def from_json(cls, data: Any) -> PruningPlan:

@@ -244,3 +244,32 @@ def _slice_head(head: nn.Module, embed: torch.Tensor) -> nn.Module:
         return head  # nn.Identity (no classifier)
     bias = None if head.bias is None else head.bias.detach()
     return _linear(head.weight.detach()[:, embed], bias)
+
+
+def dense_state_dict(model: nn.Module, structure: Structure, pruned: nn.Module) -> dict:
+    """The inverse of `apply_structure`: ``model``'s state dict (a copy) with every entry that
+    ``pruned`` (``apply_structure(model, structure)``, trained since, say) kept replaced by
+    ``pruned``'s value; the entries the structure removed keep ``model``'s. Loading it into
+    ``model``'s architecture and applying ``structure`` again gives ``pruned``'s weights.
+
+    Where each kept entry came from is found by applying the structure to a copy of ``model``
+    whose every tensor holds its own element positions (in float64, exact to 2**53)."""
+    state = {name: value.detach().clone() for name, value in model.state_dict().items()}
+    positions = copy.deepcopy(model).to(torch.float64)
+    with torch.no_grad():
+        for tensor in positions.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.copy_(torch.arange(tensor.numel(), dtype=torch.float64).view_as(tensor))
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # the pruned copy's new layers hold positions too
+    try:
+        where = PrunedViT(positions, structure).state_dict()
+    finally:
+        torch.set_default_dtype(previous)
+    for name, value in pruned.state_dict().items():
+        if name not in state or name not in where:
+            raise PlanError(f"pruned parameter {name!r} has no counterpart in the dense model")
+        index = where[name].reshape(-1).long()
+        target = state[name].view(-1)
+        target[index] = value.detach().reshape(-1).to(target.dtype)
+    return state

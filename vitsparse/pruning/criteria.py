@@ -11,7 +11,9 @@ Each criterion lives in its own module and is computed in PyTorch:
 - ``lpvit``: block masks by Taylor scores and equal-slope allocation (`.lpvit`);
 - ``nvit``: Fisher group saliency, global iterative removal (`.nvit`);
 - ``upvit``: KL leave-one-out channels at uniform ratios (`.upvit`);
-- ``cpvit``: cascade token keep counts and head keeps from attention (`.cpvit`).
+- ``cpvit``: cascade token keep counts and head keeps from attention (`.cpvit`);
+- ``combined``: block masks, heads/neurons and tokens in one plan, greedy on the cost model's
+  saving per unit of distortion (`.combined`).
 
 Knobs are given as text (``"eta=0.2"``, from the command line) or as values; each criterion
 declares its own, and an unknown knob is an error that lists the known ones.
@@ -28,6 +30,7 @@ import torch
 from vitsparse.errors import PlanError, TargetError
 from vitsparse.plan import PruningPlan, parse_block_size
 from vitsparse.pruning.budget import Budget
+from vitsparse.pruning.combined import combined_plan
 from vitsparse.pruning.cost import TableCost
 from vitsparse.pruning.cpvit import cpvit_plan
 from vitsparse.pruning.lpvit import lpvit_plan
@@ -129,6 +132,13 @@ CRITERIA: dict[str, Criterion] = {
             "patch tokens (keep counts per block) and heads",
             metrics=("flops",),
             knobs={"head_share": float, "min_tokens": int, "batch": int},
+        ),
+        Criterion(
+            "combined",
+            combined_plan,
+            "block masks, heads and MLP neurons, and tokens in one plan (greedy on saving per "
+            "unit of distortion)",
+            knobs={"block": parse_block_size, "step": float, "cost": _cost_table, "batch": int},
         ),
     )
 }

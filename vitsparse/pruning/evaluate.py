@@ -44,8 +44,11 @@ class EvalReport:
 
 
 def _logits(model, data: ImageSet, batch_size: int) -> torch.Tensor:
+    device = next(model.parameters()).device
     with torch.no_grad():
-        return torch.cat([model(batch) for batch in data.batches(batch_size)])
+        return torch.cat(
+            [model(batch.to(device)).float().cpu() for batch in data.batches(batch_size)]
+        )
 
 
 def evaluate(
@@ -59,17 +62,32 @@ def evaluate(
     """Top-1 of ``model`` (and of it pruned by ``plan``) on ``data``, and the pruned model's
     fidelity to the dense one (see the module docstring)."""
     plan = load_plan(plan)
-    dense = _logits(model.eval(), data, batch_size)
-    labels = data.labels
-
-    def top1(logits):
-        return None if labels is None else float((logits.argmax(-1) == labels).float().mean())
-
     if plan is None:
-        return EvalReport(data.name, len(data), top1(dense), None, None, None)
+        dense = _logits(model.eval(), data, batch_size)
+        return EvalReport(data.name, len(data), _top1(dense, data.labels), None, None, None)
     pruned_model = apply_plan_to_torch(model, plan, check_hash=check_hash)
-    pruned = _logits(pruned_model, data, batch_size)
+    return compare(model, pruned_model, data, batch_size=batch_size)
+
+
+def compare(
+    dense_model: torch.nn.Module,
+    pruned_model: torch.nn.Module,
+    data: ImageSet,
+    *,
+    batch_size: int = 64,
+) -> EvalReport:
+    """Top-1 of both models on ``data`` and the pruned one's fidelity to the dense one (a
+    fine-tuned student against its teacher, say); both are left in eval mode."""
+    dense = _logits(dense_model.eval(), data, batch_size)
+    pruned = _logits(pruned_model.eval(), data, batch_size)
     agreement = float((pruned.argmax(-1) == dense.argmax(-1)).float().mean())
     log_p, log_q = dense.log_softmax(-1), pruned.log_softmax(-1)
     kl = float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
-    return EvalReport(data.name, len(data), top1(dense), top1(pruned), agreement, kl)
+    labels = data.labels
+    return EvalReport(
+        data.name, len(data), _top1(dense, labels), _top1(pruned, labels), agreement, kl
+    )
+
+
+def _top1(logits: torch.Tensor, labels: torch.Tensor | None) -> float | None:
+    return None if labels is None else float((logits.argmax(-1) == labels).float().mean())
