@@ -514,10 +514,12 @@ class _Loop:
                 break
             (f0, p0) = min(points, key=lambda p: abs(p[0] - fraction))
             points.append((fraction, predicted))
+            previous = fraction
             if abs(predicted - p0) < 1e-9 or f0 == fraction:
                 fraction *= target / predicted
             else:
                 fraction += (target - predicted) * (fraction - f0) / (predicted - p0)
+            fraction = min(max(fraction, previous / 2), previous * 2)  # no wild extrapolation
             if fraction <= self.floor.get(method, LOWEST) and best[0] <= self.floor.get(
                 method, LOWEST
             ):
