@@ -333,7 +333,7 @@ class _Loop:
         self.calib, self.held_out, self.finetune_steps = calib, held_out, finetune_steps
         self.data, self.out, self.say = data, out, say
         self.candidates: list[dict] = []
-        self.candidates_dense = 0.0  # the dense model's measurement
+        self.dense_measured = 0.0  # the dense model's measurement
         self._dense = None  # the dense model compiled (for the side-by-side measurements)
         self._last = None  # (plan digest, compiled) of the latest candidate
         self.priced = True  # whether the criteria that take a cost model get the measured one
@@ -342,7 +342,7 @@ class _Loop:
 
     # --- measuring --------------------------------------------------------------------------
 
-    def _measure(self, plan: PruningPlan | None, rounds: int = 0) -> dict:
+    def _measure(self, plan: PruningPlan | None) -> dict:
         """Compile ``model`` pruned by ``plan``, check it against PyTorch, measure it: ``ROUNDS``
         measurements alternated with the dense model's, so that the ratio to dense holds while
         the machine drifts (on a busy 2-core host, back-to-back measurements of one model
@@ -359,7 +359,7 @@ class _Loop:
         began = time.time()
         dense_exec = self._compile(None).executable if plan is not None else None
         own, ratios, output, where = [], [], None, ""
-        for _ in range(rounds or ROUNDS):
+        for _ in range(ROUNDS):
             if dense_exec is not None:
                 ref = self._time(dense_exec)
             run = self._time(compiled.executable)
@@ -372,47 +372,44 @@ class _Loop:
             reference = torch_model.eval()(torch.from_numpy(self.x)).numpy()
         err = float(np.abs(output - reference).max())
         tolerance = 1e-3 * max(1.0, float(np.abs(reference).max()))
-        latency = float(np.median([m.latency.median_ms for m in own]))
-        energies = [m.energy_j for m in own if m.energy_j is not None]
-        energy = float(np.median(energies)) * 1e3 if energies else None
-        value = latency if self.budget.metric == "latency" else energy
-        ratio = float(np.median(ratios)) if ratios else 1.0
-        if ratios and self.budget.relative:
-            value = ratio * self.candidates_dense
-        return {
-            "latency_ms": latency,
-            "energy_mj": energy,
-            "measured": value,
-            "ratio_to_dense": ratio,
-            "ratios": ratios,
-            "latencies_ms": [m.latency.median_ms for m in own],
-            "energies_mj": [e * 1e3 for e in energies],
-            "where": where,
-            "max_abs_err": err,
-            "correct": err <= tolerance,
-            "compile_s": round(compile_s, 2),
-            "measure_s": round(time.time() - began, 2),
-        }
+        energies = [m.energy_j * 1e3 for m in own if m.energy_j is not None]
+        return self._settle(
+            {
+                "ratios": ratios,
+                "latencies_ms": [m.latency.median_ms for m in own],
+                "energies_mj": energies,
+                "where": where,
+                "max_abs_err": err,
+                "correct": err <= tolerance,
+                "compile_s": round(compile_s, 2),
+                "measure_s": round(time.time() - began, 2),
+            }
+        )
+
+    def _settle(self, rounds: dict) -> dict:
+        """``rounds`` (the per-round lists) with their medians and what the budget counts:
+        the median ratio to dense times the dense measurement for a relative budget, the
+        median latency (ms) or energy (mJ) for an absolute one."""
+        out = dict(rounds)
+        out["latency_ms"] = float(np.median(out["latencies_ms"]))
+        out["energy_mj"] = float(np.median(out["energies_mj"])) if out["energies_mj"] else None
+        out["ratio_to_dense"] = float(np.median(out["ratios"])) if out["ratios"] else 1.0
+        if out["ratios"] and self.budget.relative:
+            out["measured"] = out["ratio_to_dense"] * self.dense_measured
+        else:
+            out["measured"] = (
+                out["latency_ms"] if self.budget.metric == "latency" else out["energy_mj"]
+            )
+        return out
 
     def _confirm(self, plan: PruningPlan, first: dict) -> dict:
         """A measurement near the window's edges, measured again and pooled (the median of all
         its rounds): on a noisy host one measurement can land on either side by chance."""
         again = self._measure(plan)
         pooled = dict(again)
-        pooled["ratios"] = first["ratios"] + again["ratios"]
-        pooled["latencies_ms"] = first["latencies_ms"] + again["latencies_ms"]
-        pooled["energies_mj"] = first["energies_mj"] + again["energies_mj"]
-        if pooled["energies_mj"]:
-            pooled["energy_mj"] = float(np.median(pooled["energies_mj"]))
-        pooled["ratio_to_dense"] = float(np.median(pooled["ratios"])) if pooled["ratios"] else 1.0
-        if self.budget.metric == "latency":
-            pooled["latency_ms"] = float(np.median(pooled["latencies_ms"]))
-        if pooled["ratios"] and self.budget.relative:
-            pooled["measured"] = pooled["ratio_to_dense"] * self.candidates_dense
-        else:
-            pooled["measured"] = (
-                pooled["latency_ms"] if self.budget.metric == "latency" else pooled["energy_mj"]
-            )
+        for key in ("ratios", "latencies_ms", "energies_mj"):
+            pooled[key] = first[key] + again[key]
+        pooled = self._settle(pooled)
         pooled["compile_s"] = first["compile_s"]
         pooled["measure_s"] = round(first["measure_s"] + again["measure_s"], 2)
         pooled["confirmed"] = True
@@ -454,7 +451,7 @@ class _Loop:
         else:
             self.say(f"[search] dense: from the journal ({entry['measured']:.3f})")
         self.cost.observe(self.model, None, entry["measured"], "dense")
-        self.candidates_dense = entry["measured"]
+        self.dense_measured = entry["measured"]
         return entry
 
     # --- one method ---------------------------------------------------------------------------
@@ -535,7 +532,7 @@ class _Loop:
         nearest it."""
         aim = AIM * limit
         fraction = aim / self.cost.predict(self.model, None)
-        points = [(1.0, self.candidates_dense)]
+        points = [(1.0, self.dense_measured)]
         seen: set[str] = set()
         for iteration in range(1, iterations + 1):
             try:
