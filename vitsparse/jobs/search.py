@@ -345,9 +345,10 @@ class _Loop:
     def _measure(self, plan: PruningPlan | None) -> dict:
         """Compile ``model`` pruned by ``plan``, check it against PyTorch, measure it: ``ROUNDS``
         measurements alternated with the dense model's, so that the ratio to dense holds while
-        the machine drifts (on a busy 2-core host, back-to-back measurements of one model
-        differ by 20%). A relative budget is judged by that ratio (``measured`` is the ratio
-        times the dense model's first measurement); an absolute one by the median."""
+        the machine drifts (on a busy host, back-to-back measurements of one model can differ
+        by more than the window is wide). A relative budget is judged by that ratio
+        (``measured`` is the ratio times the dense model's first measurement); an absolute one
+        by the median."""
         began = time.time()
         key = None if plan is None else plan.digest()
         if self._last is not None and self._last[0] == key:
