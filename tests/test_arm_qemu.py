@@ -119,3 +119,34 @@ def test_profile_on_the_emulated_device(arm_device, tmp_path, monkeypatch):
     assert "qemu-user emulation" in table.emulated
     assert len(table.kernels) == 2 and len(table.blocks) == 1  # no axis leaves a held-out point
     assert all(r["ms"] > 0 for r in table.kernels + table.blocks)
+
+
+def test_artifact_loader_runs_on_the_emulated_arm_device(tmp_path):
+    """An aarch64 artifact run by its own run.py under the emulated device's Python, which has
+    TVM's runtime and numpy but no torch, no vitsparse: the same loader as on x86."""
+    import os
+    import subprocess
+
+    import torch
+
+    try:
+        python = arm_python()
+    except TargetError as err:
+        pytest.skip(str(err))
+    model = tiny_vit(depth=2)
+    out = compile_model(model, target="arm").export(tmp_path / "artifact")
+    x = np.random.default_rng(2).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TVM_NUM_THREADS")}
+    run = subprocess.run(
+        [str(python), str(out / "run.py"), str(out), "--input", str(tmp_path / "x.npy")]
+        + ["--output", str(tmp_path / "y.npy")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**env, "TVM_USE_RUNTIME_LIB": "1"},
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), ref, rtol=0, atol=1e-4)

@@ -18,7 +18,7 @@ from vitsparse.frontend.testing import tiny_vit
 from vitsparse.targets import resolve_target
 
 DEIT = "deit_tiny_patch16_224"
-ARTIFACT_FILES = {"model.so", "params.npz", "manifest.json"}
+ARTIFACT_FILES = {"model.so", "manifest.json", "run.py"}
 
 
 def _run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -48,13 +48,62 @@ def tiny_onnx(tmp_path_factory) -> Path:
 # --- compile -------------------------------------------------------------------------------
 
 
+def test_artifact_runs_on_the_tvm_runtime_alone(tmp_path):
+    """The artifact's run.py loads and runs it where torch (and so vitsparse) cannot be
+    imported and TVM loads its runtime library only; the output matches the compiled model's.
+    One copy of the weights (in model.so) and the modes the umask gives."""
+    import os
+    import stat
+
+    import numpy as np
+
+    from vitsparse.jobs.compile import compile_model
+
+    compiled = compile_model(tiny_vit(depth=2), target="x86")
+    out = compiled.export(tmp_path / "artifact")
+    assert {p.name for p in out.iterdir()} == ARTIFACT_FILES
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
+    assert stat.S_IMODE((out / "manifest.json").stat().st_mode) == 0o666 & ~umask
+    x = np.random.default_rng(1).standard_normal(compiled.input_shape).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    blocked = tmp_path / "blocked"
+    for name in ("torch", "timm", "vitsparse"):
+        (blocked / name).mkdir(parents=True)
+        (blocked / name / "__init__.py").write_text(f"raise ImportError('no {name} here')\n")
+    env = {**os.environ, "PYTHONPATH": str(blocked), "TVM_USE_RUNTIME_LIB": "1"}
+    env.pop("TVM_NUM_THREADS", None)
+    run = subprocess.run(
+        [sys.executable, str(out / "run.py"), str(out), "--input", str(tmp_path / "x.npy")]
+        + ["--output", str(tmp_path / "y.npy"), "--time", "3"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert f"{len(os.sched_getaffinity(0))} threads)" in run.stdout  # every core, deliberately
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), compiled.run(x), rtol=0, atol=1e-5)
+    np.save(tmp_path / "bad.npy", x[:, :, :16])
+    bad = subprocess.run(
+        [sys.executable, str(out / "run.py"), str(out), "--input", str(tmp_path / "bad.npy")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert bad.returncode == 2 and "this artifact takes (1, 3, 32, 32)" in bad.stderr
+
+
 def test_compile_writes_artifact(capsys, tmp_path, tiny_onnx):
     out = tmp_path / "artifact"
     code, stdout, stderr = _main(capsys, "compile", tiny_onnx, "--target", "x86", "-o", out)
     assert code == 0, stderr
     assert {p.name for p in out.iterdir()} == ARTIFACT_FILES
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["model"] == "tiny_vit"
+    assert manifest["model"] == "tiny_vit" and manifest["weights_seed"] is None  # ONNX
     assert manifest["input_shape"] == [1, 3, 32, 32]
     assert manifest["target"]["name"] == "x86"
     assert {"tvm", "torch", "vitsparse"} <= set(manifest["versions"])
@@ -77,6 +126,7 @@ def test_compile_timm_name_with_checkpoint(capsys, tmp_path):
     assert code == 0, stderr
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["model"] == DEIT and manifest["input_shape"] == [1, 3, 224, 224]
+    assert manifest["weights_seed"] is None  # the checkpoint's weights, not a seed's
     assert f"{DEIT}: 12 blocks, embed 192, 3 heads" in stdout
 
 
@@ -190,7 +240,7 @@ def test_bench_pruned_runtime_needs_a_plan(capsys):
 def test_demo_prints_the_comparison(capsys):
     code, stdout, stderr = _main(capsys, "demo", "--repeat", "1", "--number", "1")
     assert code == 0, stderr
-    assert stdout.startswith(f"{DEIT} (random weights), batch 1")
+    assert stdout.startswith(f"{DEIT} (seed-0 random weights), batch 1")
     for runtime in ("torch-eager", "onnxruntime", "tvm-dense"):
         assert runtime in stdout
     assert "tvm-dense vs torch-eager" in stdout

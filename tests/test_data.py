@@ -81,6 +81,34 @@ def test_image_folder(tmp_path):
     assert set(load_images(tmp_path, image_size=32, limit=4).labels.tolist()) == {0, 1}
 
 
+def _folder(root, names):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for label in names:
+        (root / label).mkdir(parents=True)
+        for i in range(2):
+            pixels = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / label / f"{i}.png")
+    return root
+
+
+def test_eval_warns_when_the_folders_are_not_the_models_classes(tmp_path, capsys, digits_model):
+    """Top-1 compares data label i with model class i: folders named after other classes make
+    it meaningless, and eval says so; folders named 0..9 match the digits ViT."""
+    wrong = _folder(tmp_path / "animals", ("cat", "dog"))
+    with pytest.warns(UserWarning, match=r"label 0 is 'cat', the model has class '0'"):
+        assert main(["eval", digits.DIGITS_MODEL, "--data", str(wrong)]) == 0
+    out = capsys.readouterr().out
+    assert "fidelity  - (no plan" in out  # the fidelity line is always there
+    right = _folder(tmp_path / "digits", ("0", "1", "2"))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert main(["eval", digits.DIGITS_MODEL, "--data", str(right)]) == 0
+
+
 @pytest.mark.parametrize(
     ("source", "size", "message"),
     [

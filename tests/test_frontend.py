@@ -260,6 +260,45 @@ def test_tiny_vit_is_deterministic():
         assert not torch.equal(pa, pc), name
 
 
+def test_random_timm_weights_are_the_same_in_every_process():
+    """A timm name without a checkpoint gets weights from a fixed seed: a plan made in one
+    process (it carries the weights' hash) must match the model another process loads; and
+    loading does not move the caller's random state."""
+    import subprocess
+    import sys
+
+    from vitsparse.plan import weights_hash
+
+    code = (
+        "import torch; torch.manual_seed(123); "
+        "from vitsparse.frontend import load_torch_model; from vitsparse.plan import weights_hash; "
+        "print(weights_hash(load_torch_model('deit_tiny_patch16_224')[0]))"
+    )
+    other = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()[-1]
+    before = torch.random.get_rng_state()
+    here = weights_hash(load_torch_model("deit_tiny_patch16_224")[0])
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert here == other
+
+
+def test_the_weights_seed_picks_the_random_weights_and_plans_record_it():
+    """--weights-seed N: other seeds give other weights; plans made from them carry the seed,
+    and applying one to the weights of another seed names the seed to load."""
+    from vitsparse.errors import PlanError
+    from vitsparse.plan import apply_plan_to_torch, weights_hash
+    from vitsparse.pruning.block_mask import block_mask_plan
+
+    model0, model_id = load_torch_model("deit_tiny_patch16_224")
+    model1, _ = load_torch_model("deit_tiny_patch16_224", seed=1)
+    assert weights_hash(model0) != weights_hash(model1)
+    plan = block_mask_plan(model1, model_id=model_id, block=(32, 32), keep=0.5)
+    assert plan.weights_seed == 1 and plan.to_json()["weights_seed"] == 1
+    with pytest.raises(PlanError, match="random weights of seed 1: load the model with --weig"):
+        apply_plan_to_torch(model0, plan)
+
+
 def test_checkpoint_loads_nested_state_dict(tmp_path):
     source = tiny_vit(seed=5)
     path = tmp_path / "ckpt.pth"

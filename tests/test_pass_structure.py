@@ -301,7 +301,8 @@ def _keep_tokens(bb, x, top, keep):
 
 
 def _top(bb, score, keep):
-    top = bb.emit(relax.op.topk(score, keep, axis=-1, ret_type="indices"))
+    order = bb.emit(relax.op.argsort(score, axis=-1, descending=True, dtype="int64"))
+    top = bb.emit(relax.op.strided_slice(order, [1], [0], [keep]))
     return bb.emit(relax.op.sort(top, axis=-1))
 
 
@@ -461,16 +462,29 @@ def test_lower_linear_packs_constant_weights_into_dense_kernels():
     mod = _mlp(16)
     params = _weights(mod)
     out = LowerLinear()(BindWeights(params)(mod))
-    # fc1 + GELU: one packed kernel; fc2's 8 outputs do not fill a panel of 16: left as it is.
-    assert _ops(out) == ["reshape", "call_tir:dense_gelu", "reshape"] + _ops(mod)[-3:]
-    kernels = [out[gv] for gv in out.get_global_vars() if gv.name_hint != "main"]
-    assert [dense.shape_of(k) for k in kernels] == [
-        dense.DenseShape(4, 8, 16, "gelu", dense.choose_row_tile(4))
+    # fc1 + GELU: one packed kernel. fc2's 8 outputs do not fill a panel of 16: its weight and
+    # bias are padded with zero rows to 16 and the output sliced back to 8.
+    assert _ops(out) == [
+        "reshape",
+        "call_tir:dense_gelu",
+        "reshape",
+        "reshape",
+        "call_tir:dense_none_padded",
+        "strided_slice",
+        "reshape",
     ]
-    ((w1, b1),) = _const_args(out, "call_tir")
+    kernels = {gv.name_hint: out[gv] for gv in out.get_global_vars() if gv.name_hint != "main"}
+    assert {name: dense.shape_of(k) for name, k in kernels.items()} == {
+        "dense_gelu": dense.DenseShape(4, 8, 16, "gelu", dense.choose_row_tile(4)),
+        "dense_none_padded": dense.DenseShape(4, 16, 16, "none", dense.choose_row_tile(4)),
+    }
+    assert int(kernels["dense_none_padded"].attrs["op_pattern"]) == 8  # the slice stays apart
+    (w1, b1), (w2, b2) = _const_args(out, "call_tir")
     np.testing.assert_array_equal(w1, dense.pack_weight(params["w1"]))
     assert w1.shape == (1, 8, 16) and np.array_equal(b1, params["b1"])
-    np.testing.assert_array_equal(_const_args(out, "permute_dims")[0][0], params["w2"])
+    padded = np.concatenate([params["w2"], np.zeros((8, 16), np.float32)])
+    np.testing.assert_array_equal(w2, dense.pack_weight(padded))
+    assert np.array_equal(b2[:8], params["b2"]) and not b2[8:].any()
 
 
 # --- PatchEmbedToDense -------------------------------------------------------------------------

@@ -54,10 +54,11 @@ def test_rewrite_turns_every_linear_layer_into_a_dense_kernel():
     assert calls.count("relax.matmul") == 2 * depth
 
 
-def test_layer_whose_width_is_not_a_panel_multiple_stays_generic():
+def test_layer_whose_width_is_not_a_panel_multiple_is_padded_to_one():
     _, mod = _rewritten(tiny_vit(depth=2, num_classes=10))  # head: 10 outputs
     calls = _calls(mod, "dense_")
-    assert calls.count("relax.matmul") == 2 * 2 + 1
+    assert calls.count("relax.matmul") == 2 * 2  # the attention matmuls only
+    assert calls.count("dense_none_padded") == 1  # the head, padded to 16 and sliced
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import dataclasses
 import json
 
 import numpy as np
@@ -78,6 +79,18 @@ def test_json_round_trip(plan, tmp_path):
     path = plan.save(tmp_path / "sub" / "plan.json")
     assert PruningPlan.load(path) == plan
     assert [p.name for p in path.parent.iterdir()] == ["plan.json"]  # no temporary left
+
+
+def test_the_weights_seed_is_optional_in_the_file(plan):
+    """Written only when set (older plans and plans of checkpoints have none), read back, and
+    checked."""
+    assert "weights_seed" not in plan.to_json()
+    seeded = dataclasses.replace(plan, weights_seed=3)
+    data = seeded.to_json()
+    assert data["weights_seed"] == 3
+    assert PruningPlan.from_json(json.loads(json.dumps(data))).weights_seed == 3
+    with pytest.raises(PlanError, match="'weights_seed' must be an integer, got 'x'"):
+        PruningPlan.from_json({**data, "weights_seed": "x"})
 
 
 def test_bitmap_is_row_major_packbits(plan):

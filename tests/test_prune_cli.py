@@ -79,14 +79,24 @@ def test_prune_random_on_selected_layers(capsys, tmp_path, checkpoint):
     assert "6 linear layers (blocks.0.*, blocks.11.mlp.*)" in stdout
 
 
-def test_prune_with_random_weights_says_so(capsys, tmp_path):
+def test_a_plan_of_random_weights_applies_in_another_process(capsys, tmp_path):
+    """timm's random weights come from a fixed seed: a plan pruned here (it carries the weights'
+    hash) is accepted by a command run in another process."""
+    import subprocess
+    import sys
+
     out = tmp_path / "plan.json"
     code, stdout, stderr = _main(
         capsys, "prune", DEIT, "--method", "magnitude", "--blocks", "64x64:0.5", "-o", out
     )
     assert code == 0, stderr
-    assert "note      timm's random weights" in stdout
     assert PruningPlan.load(out).layers["blocks.0.attn.qkv"].kept.shape == (9, 3)
+    cmd = [sys.executable, "-m", "vitsparse.cli", "eval", DEIT, "--data", "synthetic"]
+    other = subprocess.run(
+        [*cmd, "--limit", "2", "--plan", str(out)], capture_output=True, text=True, timeout=300
+    )
+    assert other.returncode == 0, other.stderr[-2000:]
+    assert "fidelity  top-1 agreement" in other.stdout
 
 
 @pytest.mark.parametrize(

@@ -75,6 +75,22 @@ def test_corrupt_database_names_the_file_and_line(tmp_path):
         compile_model(tiny_vit(depth=2), target="x86", db=tmp_path)
 
 
+def test_a_torn_last_line_is_dropped_with_a_warning(tmp_path):
+    """What kill -9 during an append leaves: the last line cut off, no newline. The records
+    before it stand; a bad line that is not the last (or that ends its line) stays an error."""
+    spec = resolve_target("x86")
+    directory = tmp_path / spec.key
+    directory.mkdir()
+    records = directory / dbmod.RECORDS
+    records.write_text('["a", 1]\n["b", 2]\n["c", [3, 4')
+    with pytest.warns(UserWarning, match=r"line 3, the last, is cut off .* 2 record\(s\) kept"):
+        dbmod.validate(directory, spec)
+    assert records.read_text() == '["a", 1]\n["b", 2]\n'
+    records.write_text('["a", 1]\n["c", [3, 4\n["b", 2]')
+    with pytest.raises(DatabaseError, match="corrupt at line 2"):
+        dbmod.validate(directory, spec)
+
+
 def test_database_of_another_target_is_refused(tmp_path):
     spec = resolve_target("x86")
     directory = tmp_path / spec.key
@@ -122,3 +138,62 @@ def test_bsr_kernels_are_searched_and_their_records_compiled(tmp_path):
     with torch.no_grad():
         ref = apply_plan_to_torch(model, plan)(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(compiled.run(x), ref, rtol=0, atol=1e-4)
+
+
+def _records(db) -> int:
+    files = list(db.glob(f"*/{dbmod.RECORDS}"))
+    return sum(1 for f in files for line in f.read_text().splitlines() if line.strip())
+
+
+def _tune_until(cmd, log, db, ready, timeout=240.0) -> int:
+    """Run ``cmd`` (stdout to ``log``), kill -9 it once ``ready(log text, records)`` holds;
+    the records then in the database."""
+    import os
+    import signal
+    import time
+
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + timeout
+    try:
+        while proc.poll() is None and time.time() < deadline:
+            if ready(log.read_text(), _records(db)):
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, f"tune ended before it could be killed:\n{log.read_text()}"
+        assert time.time() < deadline, f"never ready:\n{log.read_text()[-3000:]}"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    return _records(db)
+
+
+def test_kill_9_during_tune_loses_at_most_the_batch_in_flight(tmp_path):
+    """A real `vitsparse tune` killed with SIGKILL while seeding and again while searching:
+    every searched batch is committed before the next is sent, so the records grow between
+    kills (MetaSchedule's own scheduler commits nothing until every kernel has had a batch),
+    and the last run resumes from them and finishes the budget."""
+    db = tmp_path / "db"
+    cmd = [sys.executable, "-m", "vitsparse.cli", "tune", "vitsparse/digits_vit", "--db", str(db)]
+    cmd += ["--trials", "24"]
+    counts = [_tune_until(cmd, tmp_path / "1.log", db, lambda _text, n: n >= 2)]
+    for i in (2,):
+        state = {}
+
+        def searched(text, n, state=state):
+            """True once a searched batch is committed: the records grew after the search
+            began (the seeds are all in by then)."""
+            if "searching" in text:
+                state.setdefault("at", n)
+            return "at" in state and n > state["at"]
+
+        counts.append(_tune_until(cmd, tmp_path / f"{i}.log", db, searched))
+        assert "already in the database" in (tmp_path / f"{i}.log").read_text()
+    final = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert final.returncode == 0, final.stdout[-3000:] + final.stderr[-3000:]
+    counts.append(_records(db))
+    assert final.stdout.count("(budget 24 trials)") == 1  # the summary, printed once
+    assert counts == sorted(counts) and counts[0] < counts[1] < counts[2], counts
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert "already spent" in again.stderr, again.stderr[-2000:]  # progress goes to stderr

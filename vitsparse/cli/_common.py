@@ -23,6 +23,14 @@ def model_args(p: argparse.ArgumentParser) -> None:
 def weights_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", metavar="FILE", help="torch.save'd weights for MODEL")
     p.add_argument("--pretrained", action="store_true", help="timm's pretrained weights")
+    p.add_argument(
+        "--weights-seed",
+        type=int,
+        default=0,
+        metavar="N",
+        help="seed of timm's random weights, used without --checkpoint/--pretrained (default 0: "
+        "every command gets the same weights, so a plan made by one applies in another)",
+    )
 
 
 def target_args(p: argparse.ArgumentParser) -> None:

@@ -67,6 +67,7 @@ def run(args: argparse.Namespace) -> None:
         db=args.db,
         checkpoint=args.checkpoint,
         pretrained=args.pretrained,
+        weights_seed=args.weights_seed,
         cuda_arch=args.cuda_arch,
         include=args.runtimes,
         plan=args.plan,

@@ -35,6 +35,7 @@ def run(args: argparse.Namespace) -> None:
         limit=args.limit,
         checkpoint=args.checkpoint,
         pretrained=args.pretrained,
+        weights_seed=args.weights_seed,
     )
     print(f"model     {model_id}")
     print(report.summary())

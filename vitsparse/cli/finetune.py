@@ -67,6 +67,7 @@ def run(args: argparse.Namespace) -> None:
         out=args.output,
         checkpoint=args.checkpoint,
         pretrained=args.pretrained,
+        weights_seed=args.weights_seed,
         teacher=args.teacher,
         resume=args.resume,
         progress=say,

@@ -7,7 +7,6 @@ import argparse
 
 from vitsparse.cli._common import model_source, output_file, positive_int, say, weights_args
 from vitsparse.cli.finetune import data_args
-from vitsparse.data.digits import DIGITS_MODEL
 from vitsparse.errors import TrainingError
 from vitsparse.pruning import BLOCK_SCORES, CRITERIA
 from vitsparse.pruning.criteria import parse_knob_args
@@ -126,6 +125,7 @@ def run(args: argparse.Namespace) -> None:
         seed=args.seed,
         checkpoint=args.checkpoint,
         pretrained=args.pretrained,
+        weights_seed=args.weights_seed,
     )
     plan = result.plan
     print(f"model     {plan.model_id} (weights {plan.weights_hash[:19]}...)")
@@ -165,16 +165,6 @@ def run(args: argparse.Namespace) -> None:
     print(f"plan      {args.output}")
     if result.finetuned is not None:
         print(result.finetuned.summary())
-    if (
-        args.checkpoint is None
-        and not args.pretrained
-        and args.model != DIGITS_MODEL
-        and not result.finetuned
-    ):
-        print(
-            "note      timm's random weights (no --checkpoint/--pretrained): the plan's weights "
-            "hash matches no other instance of the model"
-        )
 
 
 def _finetune_options(args: argparse.Namespace) -> dict | None:
@@ -200,11 +190,6 @@ def _finetune_options(args: argparse.Namespace) -> dict | None:
 
 def _resume_hint(args: argparse.Namespace, finetune: dict) -> str:
     """How to resume the fine-tune after an interruption (or why it cannot be)."""
-    if args.checkpoint is None and not args.pretrained and args.model != DIGITS_MODEL:
-        return (
-            "[prune] random weights (no --checkpoint/--pretrained): an interrupted fine-tune "
-            "cannot be resumed in another process"
-        )
     weights = f" --checkpoint {args.checkpoint}" if args.checkpoint else ""
     weights += " --pretrained" if args.pretrained else ""
     budget = (

@@ -94,6 +94,7 @@ def run(args: argparse.Namespace) -> None:
         cost_table=args.cost_table,
         checkpoint=args.checkpoint,
         pretrained=args.pretrained,
+        weights_seed=args.weights_seed,
         progress=say,
     )
     print(report.summary())

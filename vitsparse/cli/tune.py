@@ -40,6 +40,7 @@ def run(args: argparse.Namespace) -> None:
         batch=args.batch,
         checkpoint=args.checkpoint,
         pretrained=args.pretrained,
+        weights_seed=args.weights_seed,
         cuda_arch=args.cuda_arch,
         plan=args.plan,
         rpc=rpc_device(args),

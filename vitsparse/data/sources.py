@@ -28,6 +28,7 @@ class ImageSet:
     name: str
     images: torch.Tensor
     labels: torch.Tensor | None
+    classes: tuple[str, ...] | None = None  # label i's class name (an ImageFolder's folders)
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -47,7 +48,7 @@ def load_images(
     if name in ("digits", "digits-train"):
         check_image_size(image_size)
         images, labels = digits_split("test" if name == "digits" else "train")
-        out = ImageSet(name, images, labels)
+        out = ImageSet(name, images, labels, tuple(str(d) for d in range(10)))
     elif name == "synthetic":
         generator = torch.Generator().manual_seed(seed)
         count = limit or 64
@@ -57,7 +58,7 @@ def load_images(
         out = _image_folder(Path(source), image_size, limit, seed)
     if limit is not None and len(out) > limit:
         labels = None if out.labels is None else out.labels[:limit]
-        out = ImageSet(out.name, out.images[:limit], labels)
+        out = ImageSet(out.name, out.images[:limit], labels, out.classes)
     if len(out) == 0:
         raise DataError(f"image source {name!r} holds no images")
     return out
@@ -91,4 +92,4 @@ def _image_folder(path: Path, image_size: int, limit: int | None, seed: int) -> 
     pairs = [folder[i] for i in chosen]
     images = torch.stack([p[0] for p in pairs])
     labels = torch.tensor([p[1] for p in pairs], dtype=torch.int64)
-    return ImageSet(str(path), images, labels)
+    return ImageSet(str(path), images, labels, tuple(folder.classes))

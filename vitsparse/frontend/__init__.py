@@ -3,10 +3,11 @@ its geometry (blocks, heads, MLP widths, tokens) from the Relax module. The impo
 loaded on first use, so model loading alone stays light."""
 
 from vitsparse._lazy import lazy_api
-from vitsparse.frontend.loading import load_torch_model
+from vitsparse.frontend.loading import RANDOM_WEIGHTS_SEED, load_torch_model
 from vitsparse.frontend.vit_graph import BlockInfo, ViTGraph
 
 __all__ = [
+    "RANDOM_WEIGHTS_SEED",
     "BlockInfo",
     "ImportedModel",
     "ViTGraph",
@@ -19,5 +20,5 @@ _IMPORTER = "vitsparse.frontend.importer"
 __getattr__, __dir__ = lazy_api(
     __name__,
     {"ImportedModel": _IMPORTER, "export_torch": _IMPORTER, "import_model": _IMPORTER},
-    eager=("BlockInfo", "ViTGraph", "load_torch_model"),
+    eager=("BlockInfo", "RANDOM_WEIGHTS_SEED", "ViTGraph", "load_torch_model"),
 )

@@ -13,7 +13,7 @@ from vitsparse._tvm import IRModule, from_exported_program, from_onnx, relax, st
 from vitsparse.errors import ModelError, UnsupportedOpError
 from vitsparse.frontend.canonicalize import drop_weight_broadcasts
 from vitsparse.frontend.extract import extract_vit_graph
-from vitsparse.frontend.loading import load_torch_model
+from vitsparse.frontend.loading import RANDOM_WEIGHTS_SEED, load_torch_model
 from vitsparse.frontend.onnx_prep import canonicalize_onnx, image_input, load_onnx
 from vitsparse.frontend.vit_graph import ViTGraph
 
@@ -62,6 +62,7 @@ def import_model(
     batch: int = 1,
     checkpoint: str | Path | None = None,
     pretrained: bool = False,
+    seed: int = RANDOM_WEIGHTS_SEED,
 ) -> ImportedModel:
     """Import a ViT into Relax and read its geometry.
 
@@ -96,7 +97,9 @@ def import_model(
                 "apply to timm / PyTorch models only"
             )
         return _import_onnx(path, batch=batch)
-    model, model_id = load_torch_model(source, checkpoint=checkpoint, pretrained=pretrained)
+    model, model_id = load_torch_model(
+        source, checkpoint=checkpoint, pretrained=pretrained, seed=seed
+    )
     return _import_torch(model, model_id, batch=batch)
 
 

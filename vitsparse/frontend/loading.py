@@ -9,8 +9,14 @@ from pathlib import Path
 import timm
 import torch
 
+from vitsparse._weights import WEIGHTS_SEED_ATTR
 from vitsparse.data.digits import DIGITS_MODEL, digits_vit
 from vitsparse.errors import ModelError
+
+# The seed of a timm model's random initialisation (no checkpoint, not pretrained): the same
+# name gives the same weights in every process, so a plan made in one process (it carries its
+# weights' hash) compiles in another.
+RANDOM_WEIGHTS_SEED = 0
 
 # Keys under which training scripts commonly nest the state dict of a checkpoint.
 _STATE_DICT_KEYS = ("model", "state_dict", "model_state_dict")
@@ -21,6 +27,7 @@ def load_torch_model(
     *,
     checkpoint: str | Path | None = None,
     pretrained: bool = False,
+    seed: int = RANDOM_WEIGHTS_SEED,
 ) -> tuple[torch.nn.Module, str]:
     """Return ``(module in eval mode, model_id)`` for a timm model name or an ``nn.Module``.
 
@@ -37,6 +44,10 @@ def load_torch_model(
     pretrained
         Fetch timm's pretrained weights (needs network access). The default leaves timm's random
         initialisation, which is enough for compiling and timing.
+    seed
+        The seed of that random initialisation (``--weights-seed``; default
+        ``RANDOM_WEIGHTS_SEED``): every process gets the same weights for the same name and seed.
+        The module records it as ``vitsparse_weights_seed`` (plans carry it).
 
     Raises
     ------
@@ -60,7 +71,9 @@ def load_torch_model(
             raise ModelError(f"{source!r} is trained here; it has no pretrained weights")
         model, model_id = digits_vit(), source
     elif isinstance(source, str):
-        model, model_id = _create_timm_model(source, pretrained=pretrained), source
+        model, model_id = _create_timm_model(source, pretrained=pretrained, seed=seed), source
+        if not pretrained and checkpoint is None:
+            setattr(model, WEIGHTS_SEED_ATTR, seed)
     else:
         raise ModelError(
             "model source must be a timm model name or a torch.nn.Module, "
@@ -127,13 +140,17 @@ def suggest_model_names(name: str, limit: int = 5) -> list[str]:
     return suggestions[:limit]
 
 
-def _create_timm_model(name: str, *, pretrained: bool) -> torch.nn.Module:
+def _create_timm_model(name: str, *, pretrained: bool, seed: int) -> torch.nn.Module:
     if not timm.is_model(name):
         close = suggest_model_names(name)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise ModelError(f"unknown timm model {name!r}{hint}")
     try:
-        return timm.create_model(name, pretrained=pretrained)
+        if pretrained:
+            return timm.create_model(name, pretrained=True)
+        with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
+            torch.manual_seed(seed)
+            return timm.create_model(name, pretrained=False)
     except Exception as err:
         if not pretrained:
             raise ModelError(f"timm could not build model {name!r}: {_first_line(err)}") from err

@@ -17,12 +17,15 @@ def tiny_vit(
     num_classes: int = 10,
     distilled: bool = False,
     seed: int = 0,
+    **family,
 ) -> torch.nn.Module:
     """A timm ViT (or distilled DeiT) in eval mode whose weights depend only on ``seed``.
 
     Every parameter, biases and LayerNorm affine terms included, is drawn at random, so no two
     tensors are equal (timm's own init zeroes biases, which hides mix-ups between them and lets
-    ONNX exporters merge them).
+    ONNX exporters merge them). ``family``: more VisionTransformer options, e.g. DeiT III's
+    ``no_embed_class=True, init_values=1e-5`` (LayerScale), ``reg_tokens=4``,
+    ``global_pool="avg"``.
     """
     cls = VisionTransformerDistilled if distilled else VisionTransformer
     model = cls(
@@ -33,6 +36,7 @@ def tiny_vit(
         num_heads=num_heads,
         mlp_ratio=mlp_ratio,
         num_classes=num_classes,
+        **family,
     )
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -1,9 +1,17 @@
 """A compiled ViT (`CompiledModel`: run, time, per-kernel profile, export) and the artifact
-directory it exports to (model.so, params.npz, manifest.json; `load_artifact`)."""
+directory it exports to (`load_artifact`):
+
+- ``model.so``: the compiled model, its weights inside it as constants (the only copy);
+- ``manifest.json``: input shape and dtype, target, plan summary, versions;
+- ``run.py``: a loader that needs nothing but TVM's runtime and numpy (`artifact_run`; see
+  docs/deploy.md).
+
+Files get the modes the user's umask gives (not the 0700 of a temporary directory)."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -14,6 +22,7 @@ import numpy as np
 
 from vitsparse._tvm import relax, tvm
 from vitsparse._versions import collect_module_versions
+from vitsparse._weights import weights_seed_of
 from vitsparse.devices import LatencyStats, Timing, configure_threads, first_output, measure
 from vitsparse.errors import ArtifactError, TargetError
 from vitsparse.frontend import ImportedModel
@@ -22,8 +31,9 @@ from vitsparse.targets import TargetSpec, export_library
 
 ARTIFACT_FORMAT = "vitsparse-artifact/1"
 ARTIFACT_LIBRARY = "model.so"
-ARTIFACT_PARAMS = "params.npz"
 ARTIFACT_MANIFEST = "manifest.json"
+ARTIFACT_RUNNER = "run.py"
+_RUNNER_SOURCE = Path(__file__).with_name("artifact_run.py")
 
 
 @dataclass(frozen=True)
@@ -131,15 +141,16 @@ class CompiledModel:
         return sorted(rows, key=lambda r: -r.ms_per_inference)
 
     def export(self, outdir: str | Path) -> Path:
-        """Write model.so, params.npz and manifest.json to ``outdir`` atomically (a temporary
+        """Write model.so, manifest.json and run.py to ``outdir`` atomically (a temporary
         directory beside it, renamed into place), replacing an earlier artifact there."""
         outdir = Path(outdir)
         outdir.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.", dir=outdir.parent))
         try:
+            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would outlive the rename
             export_library(self.executable, tmp / ARTIFACT_LIBRARY, self.spec)
-            np.savez(tmp / ARTIFACT_PARAMS, **self.imported.params)
             (tmp / ARTIFACT_MANIFEST).write_text(json.dumps(self.manifest(), indent=2) + "\n")
+            shutil.copyfile(_RUNNER_SOURCE, tmp / ARTIFACT_RUNNER)
             if outdir.exists():
                 backup = outdir.with_name(f".{outdir.name}.old")
                 shutil.rmtree(backup, ignore_errors=True)
@@ -173,9 +184,10 @@ class CompiledModel:
             "input_dtype": "float32",
             "target": self.spec.to_json(),
             "library": ARTIFACT_LIBRARY,
-            "params": ARTIFACT_PARAMS,
-            "weights": "embedded in the library as constants; params.npz holds the source "
-            "weights (Relax parameter names) for verification",
+            "weights": "embedded in the library as constants (the only copy)",
+            # timm's random initialisation of this seed (--weights-seed), else None
+            "weights_seed": weights_seed_of(self.imported.torch_model),
+            "runner": ARTIFACT_RUNNER,
             "tuned_kernels": self.tuned_kernels,
             "plan": self._plan_summary(),
             "graph": self.imported.graph.to_json(),
@@ -211,3 +223,9 @@ def load_artifact(outdir: str | Path) -> tuple[dict, object]:
     if manifest.get("target", {}).get("device_type", "cpu") == "cpu":
         configure_threads()
     return manifest, tvm.runtime.load_module(str(lib_path))
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -25,8 +25,9 @@ from typing import Any
 import numpy as np
 
 from vitsparse._versions import collect_versions
+from vitsparse.data.digits import DIGITS_MODEL
 from vitsparse.devices import Timing, available_cores
-from vitsparse.frontend import import_model
+from vitsparse.frontend import RANDOM_WEIGHTS_SEED, import_model
 from vitsparse.jobs._inputs import resolve_inputs, source_label
 from vitsparse.jobs.bench_report import (
     ONNXRUNTIME,
@@ -62,6 +63,7 @@ def bench(
     db: str | Path | None = None,
     checkpoint: str | Path | None = None,
     pretrained: bool = False,
+    weights_seed: int = RANDOM_WEIGHTS_SEED,
     cuda_arch: str | None = None,
     include: Sequence[str] | None = None,
     seed: int = 0,
@@ -137,7 +139,9 @@ def bench(
     )
     inputs = dataclasses.replace(inputs, plan=load_plan(plan), rpc=rpc)
     say(f"[bench] importing {source_label(source)} (batch {batch}) ...")
-    imported = import_model(source, batch=batch, checkpoint=checkpoint, pretrained=pretrained)
+    imported = import_model(
+        source, batch=batch, checkpoint=checkpoint, pretrained=pretrained, seed=weights_seed
+    )
     pruned_model = pruned_torch_model(imported, inputs.plan) if plan is not None else None
     x = np.random.default_rng(seed).standard_normal(imported.input_shape, dtype=np.float32)
     spec = inputs.spec
@@ -159,7 +163,7 @@ def bench(
         rows = tuple(RUNNERS[name](session) for name in include)
     return BenchReport(
         model=imported.model_id,
-        weights=_weights_label(source, checkpoint, pretrained),
+        weights=_weights_label(source, checkpoint, pretrained, weights_seed),
         target=spec.to_json(),
         batch=batch,
         threads=threads,
@@ -189,11 +193,13 @@ def _check_include(include: Sequence[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(include))
 
 
-def _weights_label(source, checkpoint, pretrained: bool) -> str:
+def _weights_label(source, checkpoint, pretrained: bool, seed: int) -> str:
     if checkpoint is not None:
         return f"checkpoint {Path(checkpoint).name}"
     if pretrained:
         return "pretrained"
     if isinstance(source, str | Path) and str(source).lower().endswith(".onnx"):
         return "ONNX file"
-    return "random" if isinstance(source, str) else "module"
+    if source == DIGITS_MODEL:
+        return "trained-here"
+    return f"seed-{seed} random" if isinstance(source, str) else "module"

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from vitsparse.errors import PlanError
-from vitsparse.frontend import ImportedModel, import_model
+from vitsparse.frontend import RANDOM_WEIGHTS_SEED, ImportedModel, import_model
 from vitsparse.jobs._break_even import break_even_for
 from vitsparse.jobs._inputs import Inputs, resolve_inputs
 from vitsparse.jobs.artifact import CompiledModel
@@ -30,6 +30,7 @@ def compile_model(
     batch: int = 1,
     checkpoint: str | Path | None = None,
     pretrained: bool = False,
+    weights_seed: int = RANDOM_WEIGHTS_SEED,
     cuda_arch: str | None = None,
     db: str | Path | None = None,
     plan: PruningPlan | str | Path | None = None,
@@ -47,7 +48,9 @@ def compile_model(
         raise ValueError(f"batch must be >= 1, got {batch}")
     # Bad targets, databases and plan files fail before the (slow) import.
     inputs = resolve_inputs(target=target, cuda_arch=cuda_arch, db=db, plan=plan)
-    imported = import_model(source, batch=batch, checkpoint=checkpoint, pretrained=pretrained)
+    imported = import_model(
+        source, batch=batch, checkpoint=checkpoint, pretrained=pretrained, seed=weights_seed
+    )
     return compile_resolved(imported, inputs, dump_dir=dump_dir)
 
 

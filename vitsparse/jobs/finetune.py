@@ -36,7 +36,7 @@ from vitsparse._io import write_bytes_atomic, write_text_atomic
 from vitsparse._progress import ProgressBar
 from vitsparse.data.training import training_data
 from vitsparse.errors import TrainingError
-from vitsparse.frontend import load_torch_model
+from vitsparse.frontend import RANDOM_WEIGHTS_SEED, load_torch_model
 from vitsparse.frontend.loading import load_checkpoint
 from vitsparse.jobs.finetune_report import (
     MODEL_FILE,
@@ -69,6 +69,7 @@ def finetune(
     out: str | Path,
     checkpoint: str | Path | None = None,
     pretrained: bool = False,
+    weights_seed: int = RANDOM_WEIGHTS_SEED,
     teacher: str | Path | None = None,
     resume: bool = False,
     model_id: str | None = None,
@@ -96,7 +97,9 @@ def finetune(
     if resume and state is None:
         say(f"[finetune] nothing saved in {out} yet: starting from the beginning")
     plan = load_plan(plan)
-    model, loaded_id = load_torch_model(source, checkpoint=checkpoint, pretrained=pretrained)
+    model, loaded_id = load_torch_model(
+        source, checkpoint=checkpoint, pretrained=pretrained, seed=weights_seed
+    )
     model_id = model_id or loaded_id
     validate_plan(plan, model)  # a plan of another model or of other weights fails here
     teacher_model = copy.deepcopy(model).eval()
@@ -375,7 +378,7 @@ def _write_result(out: Path, model, plan: PruningPlan, job: _Job, report: Finetu
         state = dense_state_dict(model, plan.structure, student)
     tuned = copy.deepcopy(model)
     tuned.load_state_dict(state)
-    reissued = dataclasses.replace(plan, weights_hash=weights_hash(tuned))
+    reissued = dataclasses.replace(plan, weights_hash=weights_hash(tuned), weights_seed=None)
     # The checkpoint and the re-issued plan are the student, exactly.
     x = job.data.held_out.images[:8]
     with torch.no_grad():

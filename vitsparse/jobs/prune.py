@@ -12,14 +12,13 @@ from pathlib import Path
 
 import torch
 
-from vitsparse.data.digits import DIGITS_MODEL
 from vitsparse.data.sources import load_images
 from vitsparse.errors import ModelError, PlanError
-from vitsparse.frontend import load_torch_model
+from vitsparse.frontend import RANDOM_WEIGHTS_SEED, load_torch_model
 from vitsparse.jobs.finetune import check_output
 from vitsparse.jobs.finetune import finetune as run_finetune
 from vitsparse.jobs.finetune_report import FinetuneReport
-from vitsparse.plan import PruningPlan, parse_block_size
+from vitsparse.plan import PruningPlan, parse_block_size, structural_support
 from vitsparse.pruning import flops as counts
 from vitsparse.pruning.budget import Budget, MeasuredBudget
 from vitsparse.pruning.compose import compose_plan
@@ -42,6 +41,7 @@ def prune(
     seed: int = 0,
     checkpoint: str | Path | None = None,
     pretrained: bool = False,
+    weights_seed: int = RANDOM_WEIGHTS_SEED,
     budget: str | None = None,
     calib: str | Path | None = None,
     calib_size: int = 256,
@@ -99,12 +99,20 @@ def prune(
         )
     if budget is not None or method not in ("magnitude", "random"):
         make = _criterion(method, budget, blocks, layers, knobs, calib, calib_size, progress)
-        model, model_id = load_torch_model(source, checkpoint=checkpoint, pretrained=pretrained)
+        model, model_id = load_torch_model(
+            source, checkpoint=checkpoint, pretrained=pretrained, seed=weights_seed
+        )
+        if method in _STRUCTURAL or (knobs or {}).get("kind") == "structure":
+            _check_structural(model, method)
         return make(model, model_id)
     if blocks is None and not given:
         raise PlanError("nothing to prune: give blocks, heads, mlp, embed and/or tokens")
     spec = None if blocks is None else parse_block_spec(blocks)
-    model, model_id = load_torch_model(source, checkpoint=checkpoint, pretrained=pretrained)
+    model, model_id = load_torch_model(
+        source, checkpoint=checkpoint, pretrained=pretrained, seed=weights_seed
+    )
+    if given:
+        _check_structural(model, ", ".join(f"--{k}" for k in given))
     structure = structure_plan(model, method=method, token_rule=token_rule, seed=seed, **given)
     return compose_plan(
         model,
@@ -115,6 +123,17 @@ def prune(
         layers=layers,
         seed=seed,
     )
+
+
+# Criteria whose plans prune structure (heads, neurons, channels, tokens).
+_STRUCTURAL = ("nvit", "upvit", "cpvit", "combined")
+
+
+def _check_structural(model, what: str) -> None:
+    """PlanError, before any work, where ``model`` has a feature structural pruning lacks."""
+    why = structural_support(model)
+    if why:
+        raise PlanError(f"{why}; {what} needs it (block masks alone work: --blocks, lpvit)")
 
 
 def _criterion(method, budget, blocks, layers, knobs, calib, calib_size, progress):
@@ -198,7 +217,7 @@ def prune_and_predict(
     budget, ...), the plan is then fine-tuned on the very model it was made for (prune, then
     recover, in one call): its output is checked before pruning starts, and the plan is saved
     before the fine-tune, so an interrupted fine-tune can be resumed from it."""
-    keys = ("calib", "calib_size", "checkpoint", "pretrained")
+    keys = ("calib", "calib_size", "checkpoint", "pretrained", "weights_seed")
     if finetune is None:
         plan = prune(source, **options)
         if plan_out is not None:
@@ -208,15 +227,17 @@ def prune_and_predict(
         )
     check_output(finetune["out"], finetune.get("resume", False))
     checkpoint, pretrained = options.pop("checkpoint", None), options.pop("pretrained", False)
-    model, model_id = load_torch_model(source, checkpoint=checkpoint, pretrained=pretrained)
+    weights_seed = options.pop("weights_seed", RANDOM_WEIGHTS_SEED)
+    model, model_id = load_torch_model(
+        source, checkpoint=checkpoint, pretrained=pretrained, seed=weights_seed
+    )
     plan = dataclasses.replace(prune(model, **options), model_id=model_id)
     if plan_out is not None:
         plan.save(plan_out)
     report = run_finetune(
         model, plan=plan, model_id=model_id, progress=options.get("progress"), **finetune
     )
-    reproducible = checkpoint or pretrained or source == DIGITS_MODEL
-    calib = options.get("calib") if reproducible else None
+    calib = options.get("calib")
     return PruneResult(plan, _predict(model, plan, calib, options.get("calib_size", 256)), report)
 
 
@@ -228,13 +249,15 @@ def predict(
     calib_size: int = 256,
     checkpoint: str | Path | None = None,
     pretrained: bool = False,
+    weights_seed: int = RANDOM_WEIGHTS_SEED,
 ) -> Prediction:
-    """The kept fraction of ``source``'s FLOPs and weights under ``plan``; with ``calib`` and
-    weights that another process gets again (a checkpoint, pretrained weights or the built-in
-    model), the fidelity on those images too."""
-    model, _ = load_torch_model(source, checkpoint=checkpoint, pretrained=pretrained)
-    reproducible = checkpoint or pretrained or source == DIGITS_MODEL
-    return _predict(model, plan, calib if reproducible else None, calib_size)
+    """The kept fraction of ``source``'s FLOPs and weights under ``plan``; with ``calib``, the
+    fidelity on those images too (timm's random weights come from a seed, so every process
+    loads the weights the plan was made for)."""
+    model, _ = load_torch_model(
+        source, checkpoint=checkpoint, pretrained=pretrained, seed=weights_seed
+    )
+    return _predict(model, plan, calib, calib_size)
 
 
 def _predict(model, plan: PruningPlan, calib, calib_size: int) -> Prediction:

@@ -42,7 +42,7 @@ from vitsparse.devices import Timing, check_measurable, measure
 from vitsparse.devices.meters import NoMeter, meter_for
 from vitsparse.devices.threads import chosen_threads, set_num_threads
 from vitsparse.errors import DataError, PlanError, SearchError, TargetError
-from vitsparse.frontend import import_model, load_torch_model
+from vitsparse.frontend import RANDOM_WEIGHTS_SEED, import_model, load_torch_model
 from vitsparse.jobs._inputs import Inputs, resolve_inputs, source_label
 from vitsparse.jobs.compile import compile_resolved
 from vitsparse.jobs.finetune import finetune as run_finetune
@@ -127,6 +127,7 @@ def search(
     cost_table: str | Path | CostTable | None = None,
     checkpoint: str | Path | None = None,
     pretrained: bool = False,
+    weights_seed: int = RANDOM_WEIGHTS_SEED,
     cuda_arch: str | None = None,
     timing: Timing = TIMING,
     energy_seconds: float = 1.0,
@@ -163,7 +164,9 @@ def search(
     check_measurable(spec, rpc, "search")
     meter = _meter(budget, spec, rpc)
     out = Path(out)
-    model, model_id = load_torch_model(source, checkpoint=checkpoint, pretrained=pretrained)
+    model, model_id = load_torch_model(
+        source, checkpoint=checkpoint, pretrained=pretrained, seed=weights_seed
+    )
     model.eval()
     journal = Journal.open(out / JOURNAL)
     device = f"rpc:{rpc.key}" if rpc is not None else spec.device_type
@@ -576,6 +579,8 @@ class _Loop:
                 entry["seconds"] = round(time.time() - began, 1)
                 entry["within"] = WINDOW[0] * limit <= entry["measured"] <= WINDOW[1] * limit
                 entry["under"] = entry["measured"] <= limit
+                if not entry["correct"]:  # kept so that the wrong compile can be reproduced
+                    entry["plan_file"] = str(self._keep_wrong(plan, key))
                 self.journal.append(entry)
                 source = "measured"
             else:
@@ -588,7 +593,12 @@ class _Loop:
                 f"[search] {method} #{iteration}: flops={fraction:.3f} predicted "
                 f"{predicted:.3f}, {source} {entry['measured']:.3f} (budget {limit:.3f}, "
                 f"error {100 * (predicted / entry['measured'] - 1):+.1f}%) {_quality_text(entry)}"
-                + ("" if entry["correct"] else " WRONG OUTPUT")
+                + (
+                    ""
+                    if entry["correct"]
+                    else f" WRONG OUTPUT (max error {entry['max_abs_err']:.2e}; plan in "
+                    f"{entry.get('plan_file', 'the journal')})"
+                )
             )
             if entry["within"] and entry["correct"]:
                 return []
@@ -645,6 +655,14 @@ class _Loop:
         compiled = compile_resolved(imported, Inputs(self.inputs.spec, plan=plan, rpc=self.rpc))
         compiled.export(self.out / "artifact")
 
+    def _keep_wrong(self, plan: PruningPlan, key: str) -> Path:
+        """Save the plan of a candidate that compiled to a wrong output (DIR/wrong/KEY.json):
+        ``vitsparse compile MODEL --plan`` on it reproduces the compile."""
+        path = self.out / "wrong" / f"{key[:16]}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        plan.save(path)
+        return path
+
     def _plan_of(self, key: str) -> PruningPlan:
         return next(p for p in self._plans.values() if _content_key(p) == key)
 
@@ -652,7 +670,7 @@ class _Loop:
 def _content_key(plan: PruningPlan) -> str:
     """What a plan prunes, hashed (its budget and predictions left out): two plans with the same
     key compile to the same model."""
-    return dataclasses.replace(plan, budget={}, predicted_cost=None).digest()
+    return dataclasses.replace(plan, budget={}, predicted_cost=None, weights_seed=None).digest()
 
 
 def _near_edge(measured: float, limit: float) -> bool:

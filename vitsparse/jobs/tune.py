@@ -25,7 +25,7 @@ from vitsparse.devices.metaschedule import builder_for, runner_for
 from vitsparse.devices.rpc import device_threads
 from vitsparse.devices.threads import configure_threads
 from vitsparse.errors import TargetError
-from vitsparse.frontend import import_model
+from vitsparse.frontend import RANDOM_WEIGHTS_SEED, import_model
 from vitsparse.jobs._inputs import resolve_inputs, source_label
 from vitsparse.jobs.compile import prepare
 from vitsparse.passes import pipeline
@@ -92,6 +92,7 @@ def tune(
     batch: int = 1,
     checkpoint: str | Path | None = None,
     pretrained: bool = False,
+    weights_seed: int = RANDOM_WEIGHTS_SEED,
     cuda_arch: str | None = None,
     plan=None,
     rpc: RpcDevice | None = None,
@@ -124,7 +125,9 @@ def tune(
     open_target_database(db, spec, create=False)  # a corrupt database fails now
     start = time.time()
     say(f"[tune] importing {source_label(source)}")
-    imported = import_model(source, batch=batch, checkpoint=checkpoint, pretrained=pretrained)
+    imported = import_model(
+        source, batch=batch, checkpoint=checkpoint, pretrained=pretrained, seed=weights_seed
+    )
     mod, config, params = prepare(imported, spec, inputs.plan)
     mod = pipeline.optimize(mod, config, params, stop_before="schedule")
     kernels = []
@@ -148,7 +151,6 @@ def tune(
     with watch:
         report.kernels = tune_kernels(kernels, spec, database, budget, say, directory, rpc)
     report.seconds = time.time() - start
-    say(report.summary())
     return report
 
 

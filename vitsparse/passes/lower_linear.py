@@ -9,8 +9,11 @@ Matches, in every Relax function of the module,
 
 where W and b are constants (run after BindParams), and replaces them with one call_tir of
 ``schedules.dense`` with the weight packed at compile time. x may have any rank >= 2; it is
-viewed as (rows, K). Layers whose output width is not a multiple of the packing panel, or with a
-single input feature, stay as they are and go through the generic path.
+viewed as (rows, K). A layer whose output width is not a multiple of the packing panel (a
+pruned width such as 42 or 170, or a 10-class head) gets its weight and bias padded with zero
+rows to the next multiple and its output sliced back (the slice fuses into what follows): TVM's
+generic matmul, the alternative, runs such layers several times slower. A layer with a single
+input feature (an MLP pruned to one neuron) has no reduction loop to schedule and stays as it is.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from vitsparse.passes._rewrite import (
     rewrite_relax_functions,
 )
 from vitsparse.schedules import dense
+
+OPAQUE = 8  # relay's kOpaque op pattern: FuseOps fuses nothing into or after it
 
 
 @dataclass
@@ -85,24 +90,34 @@ class _LowerLinearMutator(relax.PyExprMutator):
         return None
 
     # -- rewriting ----------------------------------------------------------------------------
-    def _kernel(self, shape: dense.DenseShape):
-        if shape not in self.kernels:
+    def _kernel(self, shape: dense.DenseShape, padded: bool = False):
+        if (shape, padded) not in self.kernels:
             func = dense.dense_primfunc(shape)
-            self.kernels[shape] = self.builder_.add_func(func, f"dense_{shape.epilogue}")
-        return self.kernels[shape]
+            if padded:  # FuseTIR cannot fuse the slice back into the kernel: keep it apart
+                func = func.with_attr("op_pattern", OPAQUE)
+            name = f"dense_{shape.epilogue}{'_padded' if padded else ''}"
+            self.kernels[(shape, padded)] = self.builder_.add_func(func, name)
+        return self.kernels[(shape, padded)]
 
     def _emit_linear(self, lin: _Linear, epilogue: str):
         n, k = lin.weight.shape
+        padded = -(-n // dense.PANEL) * dense.PANEL
+        weight, bias = lin.weight, lin.bias
+        if padded != n:
+            weight = np.concatenate([weight, np.zeros((padded - n, k), weight.dtype)])
+            bias = np.concatenate([bias, np.zeros(padded - n, bias.dtype)])
         rows = int(np.prod(lin.out_shape[:-1]))
-        shape = dense.DenseShape(rows, k, n, epilogue, dense.choose_row_tile(rows))
+        shape = dense.DenseShape(rows, k, padded, epilogue, dense.choose_row_tile(rows))
         x2d = lin.x
         if len(struct_shape(lin.x)) != 2:
             x2d = self.builder_.emit(relax.op.reshape(lin.x, (rows, k)))
         out = relax.call_tir(
-            self._kernel(shape),
-            [x2d, relax.const(dense.pack_weight(lin.weight)), relax.const(lin.bias)],
-            relax.TensorType((rows, n), "float32"),
+            self._kernel(shape, padded != n),
+            [x2d, relax.const(dense.pack_weight(weight)), relax.const(bias)],
+            relax.TensorType((rows, padded), "float32"),
         )
+        if padded != n:
+            out = relax.op.strided_slice(self.builder_.emit(out), axes=[1], begin=[0], end=[n])
         if len(lin.out_shape) == 2:
             return out
         return relax.op.reshape(self.builder_.emit(out), lin.out_shape)
@@ -110,9 +125,9 @@ class _LowerLinearMutator(relax.PyExprMutator):
     def visit_call_(self, call):
         call = super().visit_call_(call)
         lin = self._match_linear(call)
-        # Outputs must fill packing panels; a single input feature (an MLP pruned to one
-        # neuron) has no reduction loop to schedule. Both go through the generic path.
-        if lin is None or lin.weight.shape[0] % dense.PANEL or lin.weight.shape[1] < 2:
+        # A single input feature (an MLP pruned to one neuron) has no reduction loop to
+        # schedule: the generic path.
+        if lin is None or lin.weight.shape[1] < 2:
             return call
         return self._emit_linear(lin, "none")
 
@@ -130,7 +145,7 @@ class LowerLinear:
             return mutator
 
         mod = rewrite_relax_functions(mod, first)
-        by_gvar = {gv: shape for shape, gv in kernels.items()}
+        by_gvar = {gv: shape for (shape, padded), gv in kernels.items() if not padded}
 
         def gelu_variant(gvar):
             shape = by_gvar.get(gvar)

@@ -18,7 +18,7 @@ from vitsparse.passes._slicing import Slicing, SlicingPass
 # PyTorch parameter name -> its embedding axis.
 _EMBED_AXES = (
     (r"patch_embed\.proj\.(weight|bias)", 0),
-    (r"(cls_token|dist_token|pos_embed)", -1),
+    (r"(cls_token|dist_token|reg_token|pos_embed)", -1),
     (r"(blocks\.\d+\.)?(norm\d?|norm_pre|fc_norm|patch_embed\.norm)\.(weight|bias)", 0),
     (r"blocks\.\d+\.attn\.qkv\.weight", 1),
     (r"blocks\.\d+\.attn\.proj\.(weight|bias)", 0),

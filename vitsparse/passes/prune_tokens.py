@@ -114,7 +114,10 @@ class PruneTokens(SlicingPass):
                 score = bb.emit(relax.op.strided_slice(score, [1], [prefix], [n]))
             else:
                 score = state["cumulative"]
-            top = bb.emit(relax.op.topk(score, tokens.keep, axis=-1, ret_type="indices"))
+            # A stable descending argsort: equal scores (uniform attention) keep the earlier
+            # token, as the PyTorch reference does; topk leaves ties unordered.
+            order = bb.emit(relax.op.argsort(score, axis=-1, descending=True, dtype="int64"))
+            top = bb.emit(relax.op.strided_slice(order, [1], [0], [tokens.keep]))
             top = bb.emit(relax.op.sort(top, axis=-1))  # original token order
             if state["cumulative"] is not None:
                 state["cumulative"] = bb.emit(relax.op.gather_elements(state["cumulative"], top, 1))

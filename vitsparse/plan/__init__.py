@@ -2,6 +2,7 @@
 meaning in PyTorch (`pruned_vit`, `reference`), in one package below everything that makes or
 compiles plans."""
 
+from vitsparse._weights import weights_seed_of
 from vitsparse.plan.format import (
     BLOCK_SIZE_PATTERN,
     BLOCK_SIZES,
@@ -14,7 +15,7 @@ from vitsparse.plan.format import (
     load_plan,
     parse_block_size,
 )
-from vitsparse.plan.pruned_vit import apply_structure, geometry_of
+from vitsparse.plan.pruned_vit import apply_structure, geometry_of, structural_support
 from vitsparse.plan.reference import apply_plan_to_torch, validate_plan, weights_hash
 from vitsparse.plan.structure import (
     TOKEN_RULES,
@@ -47,6 +48,8 @@ __all__ = [
     "geometry_of",
     "load_plan",
     "parse_block_size",
+    "structural_support",
     "validate_plan",
     "weights_hash",
+    "weights_seed_of",
 ]

@@ -194,6 +194,10 @@ class PruningPlan:
         Layer (torch module) name -> its block mask, read-only, in the order given.
     structure
         The structural pruning (heads, MLP neurons, embedding channels, tokens), or None.
+    weights_seed
+        The seed of timm's random initialisation the weights came from (``--weights-seed``),
+        or None (a checkpoint, pretrained weights, a module, the built-in model). Optional in
+        the file: written only when set.
 
     Building a plan runs the structural checks; a problem raises PlanError naming the layer.
     """
@@ -206,6 +210,7 @@ class PruningPlan:
     predicted_cost: Mapping[str, Any] | None = None
     layers: Mapping[str, BlockMask] = field(default_factory=dict)
     structure: Structure | None = None
+    weights_seed: int | None = None
 
     def __post_init__(self):
         _check_plan(self)
@@ -252,6 +257,7 @@ class PruningPlan:
                 if self.version < 2
                 else {"structure": None if self.structure is None else self.structure.to_json()}
             ),
+            **({} if self.weights_seed is None else {"weights_seed": self.weights_seed}),
         }
 
     def digest(self) -> str:
@@ -276,7 +282,10 @@ class PruningPlan:
                 f"{', '.join(map(str, SUPPORTED_VERSIONS))}"
             )
         _check_fields(
-            data, _PLAN_FIELDS if version < 2 else _PLAN_FIELDS_V2, f"plan (version {version})"
+            data,
+            _PLAN_FIELDS if version < 2 else _PLAN_FIELDS_V2,
+            f"plan (version {version})",
+            optional=() if version < 2 else ("weights_seed",),
         )
         structure = data.get("structure")
         layers = data["layers"]
@@ -291,6 +300,7 @@ class PruningPlan:
             predicted_cost=data["predicted_cost"],
             layers={name: _mask_from_json(name, entry) for name, entry in layers.items()},
             structure=None if structure is None else Structure.from_json(structure),
+            weights_seed=data.get("weights_seed"),
         )
 
     def save(self, path: str | Path) -> Path:
@@ -356,6 +366,8 @@ def _check_plan(plan: PruningPlan) -> None:
             f"plan field 'weights_hash' must be 'sha256:' and 64 lowercase hex digits, "
             f"got {plan.weights_hash!r}"
         )
+    if plan.weights_seed is not None and type(plan.weights_seed) is not int:
+        raise PlanError(f"plan field 'weights_seed' must be an integer, got {plan.weights_seed!r}")
     if not isinstance(plan.budget, Mapping):
         raise PlanError(f"plan field 'budget' must be an object, got {plan.budget!r}")
     if plan.predicted_cost is not None and not isinstance(plan.predicted_cost, Mapping):
@@ -384,13 +396,15 @@ def _check_plan(plan: PruningPlan) -> None:
             )
 
 
-def _check_fields(data: Mapping, known: Iterable[str], what: str) -> None:
-    known = tuple(known)
-    unknown = [k for k in data if k not in known]
+def _check_fields(
+    data: Mapping, known: Iterable[str], what: str, optional: Iterable[str] = ()
+) -> None:
+    known, optional = tuple(known), tuple(optional)
+    unknown = [k for k in data if k not in known + optional]
     if unknown:
         raise PlanError(
             f"{what}: unknown field(s) {', '.join(map(repr, unknown))}; "
-            f"known fields: {', '.join(known)}"
+            f"known fields: {', '.join(known + optional)}"
         )
     missing = [k for k in known if k not in data]
     if missing:

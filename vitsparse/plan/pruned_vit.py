@@ -134,7 +134,10 @@ class PrunedBlock(nn.Module):
                 score = attn[:, :, 0, self.prefix :].mean(dim=1)
             else:
                 score = cumulative
-            top = score.topk(self.tokens.keep, dim=-1).indices.sort(dim=-1).values
+            # Ties (a head whose q or k weights are all pruned attends uniformly) go to the
+            # earlier token: a stable sort, as the compiled model's argsort.
+            order = torch.argsort(score, dim=-1, descending=True, stable=True)
+            top = order[:, : self.tokens.keep].sort(dim=-1).values
             patches = x[:, self.prefix :].gather(1, top.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
             x = torch.cat([x[:, : self.prefix], patches], dim=1)
             cumulative = cumulative.gather(1, top)
@@ -150,16 +153,12 @@ class PrunedViT(nn.Module):
     def __init__(self, model: nn.Module, structure: Structure):
         super().__init__()
         geo = geometry_of(model)
-        for flag in ("dynamic_img_size", "no_embed_class"):
-            if getattr(model, flag, False):
-                raise PlanError(f"structural pruning does not support timm ViTs with {flag}=True")
-        if getattr(model, "reg_token", None) is not None:
-            raise PlanError("structural pruning does not support register tokens")
-        if getattr(model, "global_pool", "token") not in ("token", "avg"):
-            raise PlanError(
-                f"structural pruning does not support global_pool={model.global_pool!r}"
-            )
+        unsupported = structural_support(model)
+        if unsupported:
+            raise PlanError(unsupported)
         embed = _index(structure.embed, geo.embed_dim)
+        # DeiT III and register-token ViTs add the position embedding to the patches only.
+        self.no_embed_class = bool(getattr(model, "no_embed_class", False))
         self.prefix = geo.num_prefix_tokens
         self.global_pool = getattr(model, "global_pool", "token")
         self.patch_embed = copy.deepcopy(model.patch_embed)
@@ -167,6 +166,8 @@ class PrunedViT(nn.Module):
         self.cls_token = nn.Parameter(model.cls_token.detach()[..., embed].clone())
         dist = getattr(model, "dist_token", None)
         self.dist_token = None if dist is None else nn.Parameter(dist.detach()[..., embed].clone())
+        reg = getattr(model, "reg_token", None)
+        self.reg_token = None if reg is None else nn.Parameter(reg.detach()[..., embed].clone())
         self.pos_embed = nn.Parameter(model.pos_embed.detach()[..., embed].clone())
         self.norm_pre = _layer_norm(model.norm_pre, embed)
         self.blocks = nn.ModuleList(
@@ -184,7 +185,13 @@ class PrunedViT(nn.Module):
         prefix = [self.cls_token.expand(x.shape[0], -1, -1)]
         if self.dist_token is not None:
             prefix.append(self.dist_token.expand(x.shape[0], -1, -1))
-        x = self.norm_pre(torch.cat([*prefix, x], dim=1) + self.pos_embed)
+        if self.reg_token is not None:
+            prefix.append(self.reg_token.expand(x.shape[0], -1, -1))
+        if self.no_embed_class:
+            x = torch.cat([*prefix, x + self.pos_embed], dim=1)
+        else:
+            x = torch.cat([*prefix, x], dim=1) + self.pos_embed
+        x = self.norm_pre(x)
         cumulative = None
         for blk in self.blocks:
             x, cumulative = blk(x, cumulative)
@@ -193,6 +200,23 @@ class PrunedViT(nn.Module):
             return (self.head(x[:, 0]) + self.head_dist(x[:, 1])) / 2
         pooled = x[:, 0] if self.global_pool == "token" else x[:, self.prefix :].mean(dim=1)
         return self.head(self.fc_norm(pooled))
+
+
+def structural_support(model: nn.Module) -> str | None:
+    """Why structural pruning cannot handle ``model`` (a timm ViT), naming the feature; None
+    where it can: class token (and DeiT's distillation token), register tokens, position
+    embedding added with or without the prefix tokens (DeiT III), LayerScale, token or average
+    pooling."""
+    if getattr(model, "dynamic_img_size", False):
+        return "structural pruning does not support timm ViTs with dynamic_img_size=True"
+    if getattr(model, "cls_token", None) is None:
+        return "structural pruning needs a class token (this ViT has class_token=False)"
+    if getattr(model, "pos_embed", None) is None:
+        return "structural pruning needs a learned position embedding (this ViT has none)"
+    pool = getattr(model, "global_pool", "token")
+    if pool not in ("token", "avg"):
+        return f"structural pruning does not support global_pool={pool!r} (only 'token', 'avg')"
+    return None
 
 
 def apply_structure(model: nn.Module, structure: Structure) -> nn.Module:

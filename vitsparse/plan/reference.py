@@ -10,6 +10,7 @@ import hashlib
 
 import torch
 
+from vitsparse._weights import weights_seed_of
 from vitsparse.errors import PlanError
 from vitsparse.plan.format import PruningPlan
 from vitsparse.plan.pruned_vit import apply_structure, geometry_of
@@ -80,10 +81,17 @@ def _validate(plan: PruningPlan, model, *, check_hash: bool):
     if check_hash:
         actual = weights_hash(model)
         if actual != plan.weights_hash:
+            theirs, ours = plan.weights_seed, weights_seed_of(model)
+            origin = ""
+            if theirs is not None and theirs != ours:
+                origin = (
+                    f" (the plan's are timm's random weights of seed {theirs}: load the model "
+                    f"with --weights-seed {theirs})"
+                )
             raise PlanError(
                 f"the plan was computed for other weights of {plan.model_id!r}: plan "
-                f"{plan.weights_hash[:19]}..., model {actual[:19]}...; recompute the plan for "
-                "these weights, or skip the check (check_hash=False) to apply it anyway"
+                f"{plan.weights_hash[:19]}..., model {actual[:19]}...{origin}; recompute the "
+                "plan for these weights, or skip the check (check_hash=False) to apply it anyway"
             )
     return shaped
 

@@ -17,7 +17,13 @@ import numpy as np
 import torch
 
 from vitsparse.errors import PlanError
-from vitsparse.plan import BlockMask, PruningPlan, check_block_geometry, weights_hash
+from vitsparse.plan import (
+    BlockMask,
+    PruningPlan,
+    check_block_geometry,
+    weights_hash,
+    weights_seed_of,
+)
 
 # The linear layers of timm's transformer blocks (attention qkv/proj, MLP fc1/fc2).
 DEFAULT_LAYERS = ("blocks.*.attn.qkv", "blocks.*.attn.proj", "blocks.*.mlp.fc1", "blocks.*.mlp.fc2")
@@ -115,6 +121,7 @@ def block_mask_plan(
     return PruningPlan(
         model_id=model_id,
         weights_hash=weights_hash(model),
+        weights_seed=weights_seed_of(model),
         method=method,
         budget={"blocks": f"{rows}x{cols}", "keep": float(keep), "layers": patterns, "seed": seed},
         layers=masks,

@@ -8,7 +8,13 @@ from collections.abc import Sequence
 
 import torch
 
-from vitsparse.plan import PruningPlan, Structure, apply_structure, weights_hash
+from vitsparse.plan import (
+    PruningPlan,
+    Structure,
+    apply_structure,
+    weights_hash,
+    weights_seed_of,
+)
 from vitsparse.pruning.block_mask import block_mask_plan
 
 
@@ -46,6 +52,7 @@ def compose_plan(
     return PruningPlan(
         model_id=model_id,
         weights_hash=weights_hash(model),
+        weights_seed=weights_seed_of(model),
         method=method,
         budget=budget,
         layers=masks,

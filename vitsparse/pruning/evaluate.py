@@ -40,6 +40,8 @@ class EvalReport:
             lines.append(
                 f"fidelity  top-1 agreement {pct(self.agreement)}, mean KL {self.mean_kl:.4f}"
             )
+        else:
+            lines.append("fidelity  - (no plan: nothing pruned to compare with the dense model)")
         return "\n".join(lines)
 
 

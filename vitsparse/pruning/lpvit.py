@@ -36,6 +36,7 @@ from vitsparse.plan import (
     check_block_geometry,
     geometry_of,
     weights_hash,
+    weights_seed_of,
 )
 from vitsparse.pruning.block_mask import DEFAULT_LAYERS, select_linear_layers
 from vitsparse.pruning.budget import Budget, CostModel, FlopsCost
@@ -193,6 +194,7 @@ def lpvit_plan(
     return PruningPlan(
         model_id=model_id,
         weights_hash=weights_hash(model),
+        weights_seed=weights_seed_of(model),
         method="lpvit",
         budget={**budget.to_json(), "blocks": f"{block[0]}x{block[1]}", "beta": beta},
         layers=masks,

@@ -6,12 +6,15 @@ the records were measured on. Records of different targets never share a directo
 directory whose target.json names another target is refused.
 
 Every line is checked before MetaSchedule reads the files, so a corrupt database gives an error
-that names the file and the line instead of a crash deep inside TVM.
+that names the file and the line instead of a crash deep inside TVM. A cut-off LAST line (what a
+process killed in the middle of an append leaves) is dropped with a warning: the records before
+it stand.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 from vitsparse._io import write_text_atomic
@@ -29,19 +32,29 @@ def target_dir(db_root: str | Path, spec: TargetSpec) -> Path:
 
 
 def _check_lines(path: Path) -> int:
+    """The number of records in ``path``; a torn last line is dropped (the file rewritten
+    atomically without it) with a warning, a bad line anywhere else is a DatabaseError."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = text.splitlines(keepends=True)
+    filled = [i for i, line in enumerate(lines) if line.strip()]
     count = 0
-    with path.open("r", encoding="utf-8", errors="replace") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DatabaseError(
-                    f"tuning database {path} is corrupt at line {lineno} ({exc.msg}); "
-                    "remove that line (or the file) and re-run `vitsparse tune`"
-                ) from exc
-            count += 1
+    for i in filled:
+        try:
+            json.loads(lines[i])
+        except json.JSONDecodeError as exc:
+            if i == filled[-1] and not lines[i].endswith("\n"):
+                warnings.warn(
+                    f"tuning database {path}: line {i + 1}, the last, is cut off (a tuning run "
+                    f"was interrupted while writing it); dropped it, {count} record(s) kept",
+                    stacklevel=3,
+                )
+                write_text_atomic(path, "".join(lines[:i]))
+                break
+            raise DatabaseError(
+                f"tuning database {path} is corrupt at line {i + 1} ({exc.msg}); "
+                "remove that line (or the file) and re-run `vitsparse tune`"
+            ) from exc
+        count += 1
     return count
 
 

@@ -171,8 +171,47 @@ def search(
             database=database,
             cost_model="xgb",
             measure_callbacks="default",
-            task_scheduler="gradient",
+            task_scheduler=CommitEachBatch([float(k.calls) for k in kernels]).scheduler(),
         )
+
+
+class CommitEachBatch:
+    """MetaSchedule's tuning loop with every measured batch in the database before the next
+    batch is sent, so a tune killed at any moment loses at most the batch in flight.
+
+    MetaSchedule's own schedulers join (measure, then commit to the database) a kernel's batch
+    only when they come back to that kernel; the gradient scheduler first sends one batch of
+    every kernel, so a model of 20 kernels commits nothing until 20 batches have run. Here the
+    batch just sent is joined before the next kernel is picked, weighted round-robin: the kernel
+    with the fewest batches per unit of weight (its calls per inference) goes next.
+
+    ``scheduler()`` is the TVM object to pass as ``task_scheduler``: a PyTaskScheduler with
+    only ``next_task_id`` in Python (joining and the tuning loop stay MetaSchedule's; a Python
+    ``join_running_task`` would call itself through TVM's virtual dispatch)."""
+
+    def __init__(self, weights: list[float]):
+        self.weights = [max(w, 1e-9) for w in weights]
+        self.sent = [0] * len(weights)
+        self.last: int | None = None
+        self._scheduler = None
+
+    def scheduler(self):
+        cls = ms.task_scheduler.task_scheduler._PyTaskScheduler
+        self._scheduler = cls(self.next_task_id, None, None)
+        return self._scheduler
+
+    def next_task_id(self) -> int:
+        tasks = self._scheduler.tasks_
+        if self.last is not None and not tasks[self.last].is_terminated:
+            self._scheduler.join_running_task(self.last)  # committed before the next send
+        live = [i for i, t in enumerate(tasks) if not t.is_terminated]
+        if not live:
+            self.last = None
+            return -1
+        pick = min(live, key=lambda i: (self.sent[i] / self.weights[i], i))
+        self.sent[pick] += 1
+        self.last = pick
+        return pick
 
 
 def _search_strategy():
