@@ -3,6 +3,7 @@ the report's JSON/markdown."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import time
@@ -258,3 +259,28 @@ def test_every_runtime_has_a_runner():
     from vitsparse.jobs.bench_runtimes import RUNNERS
 
     assert tuple(RUNNERS) == KNOWN_RUNTIMES
+
+
+def test_runtimes_take_their_samples_in_alternating_rounds_with_a_pause():
+    from vitsparse.devices import Timing
+    from vitsparse.jobs.bench_report import BenchRow
+    from vitsparse.jobs.bench_runtimes import QUIESCE_S, Contender, time_alternating
+
+    calls: list[tuple[str, float]] = []
+
+    def contender(name):
+        def finish(latency):
+            return BenchRow(runtime=name, device="cpu", status="ok", latency_ms=latency)
+
+        return Contender(name, lambda: calls.append((name, time.perf_counter())), finish)
+
+    rows = time_alternating(
+        [contender("a"), contender("b")], Timing(repeat=3, number=2, warmup=1), lambda _: None
+    )
+    assert [r.runtime for r in rows] == ["a", "b"]
+    assert all(r.latency_ms["min"] <= r.latency_ms["median"] for r in rows)
+    names = "".join(name for name, _ in calls)
+    assert names == "a" + "b" + "aabb" * 3  # warm-ups, then one sample each per round
+    # each switch from one runtime to the next waits for the last one's pool to sleep
+    switches = [t2 - t1 for (n1, t1), (n2, t2) in itertools.pairwise(calls[2:]) if n1 != n2]
+    assert switches and min(switches) >= QUIESCE_S

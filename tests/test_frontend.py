@@ -171,7 +171,16 @@ def test_onnx_import_matches_torch_geometry_and_weights(onnx_vit):
     assert from_onnx.torch_model is None
     assert from_onnx.input_shape == (2, 3, 32, 32)
     assert _geometry(from_onnx.graph) == _geometry(from_torch.graph)
-    assert set(from_onnx.graph.param_map.values()) == {""}
+    # The blocks' linear weights carry timm's names (block-mask plans name them so); nothing
+    # else is known of an ONNX file's weights.
+    named = {k: v for k, v in from_onnx.graph.param_map.items() if v}
+    assert named == {
+        w: f"blocks.{b.index}.{layer}.weight"
+        for b in from_onnx.graph.blocks
+        for layer, w in zip(
+            ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"), b.weight_names(), strict=True
+        )
+    }
     assert all(p.dtype == np.float32 for p in from_onnx.params.values())
     # Linear weights come back in torch's (out, in) layout, one tensor per layer.
     state = model.state_dict()

@@ -117,11 +117,41 @@ def test_the_correction_reproduces_what_it_measured_and_carries_to_new_shapes():
     cost.observe(model, half, 3.0 * raw, "half")
     assert cost.predict(model, half) == pytest.approx(3.0 * raw)  # measured shapes: as measured
     assert cost.predict(model, None) == pytest.approx(2.0 * cost.raw(model, None))
-    # a shape never measured takes the latest measurement's correction
-    assert cost.predict(model, quarter) == pytest.approx(3.0 * cost.raw(model, quarter))
+    # The dense model fixed the rest (patch embedding, classifier) at 2x; half's blocks took
+    # what half measured beyond it. A shape never measured takes its nearest measured shape's
+    # factor: quarter's blocks are nearer half's than the dense ones.
+    parts = cost.components(model, half)
+    rest = sum(c for k, c in parts.items() if k.startswith("rest"))
+    assert 0 < rest < raw
+    blocks = (3.0 * raw - 2.0 * rest) / (raw - rest)
+    q = cost.components(model, quarter)
+    q_rest = sum(c for k, c in q.items() if k.startswith("rest"))
+    expected = 2.0 * q_rest + blocks * (cost.raw(model, quarter) - q_rest)
+    assert cost.predict(model, quarter) == pytest.approx(expected)
     # it is a criterion's cost model too: model_cost of a structure, saving of blocks
     assert cost.model_cost(model, half) == pytest.approx(3.0 * raw)
     assert cost.for_block((16, 16)).saving("blocks.0.mlp.fc1", (256, 64), 65, 0.9) > 0
+
+
+def test_shapes_a_plan_shares_with_the_dense_model_keep_the_dense_factor():
+    """A token plan's first blocks are dense: the dense measurement priced them, and what the
+    plan measured beyond them is its pruned blocks' alone (the flaw of one whole-plan ratio
+    per plan: the dense blocks were re-priced by every plan that held them)."""
+    model, _ = load_torch_model(MODEL)
+    cost = LatencyModel(_analytic_table(model, 1.0))
+    tokens = structure_plan(model, tokens="0.5@2,3")
+    parts = cost.components(model, tokens)
+    dense_parts = cost.components(model, None)
+    shared = {k: c for k, c in parts.items() if k in dense_parts}
+    new = {k: c for k, c in parts.items() if k not in dense_parts}
+    assert shared and new
+    cost.observe(model, None, 2.0 * cost.raw(model, None), "dense")
+    measured = 2.0 * sum(shared.values()) + 5.0 * sum(new.values())
+    cost.observe(model, tokens, measured, "tokens")
+    factors = cost.factors()
+    assert all(factors[k] == pytest.approx(2.0) for k in shared)
+    assert all(factors[k] == pytest.approx(5.0) for k in new)
+    assert cost.predict(model, None) == pytest.approx(2.0 * cost.raw(model, None))
 
 
 @pytest.fixture(scope="module")

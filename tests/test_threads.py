@@ -60,3 +60,53 @@ def test_run_uses_every_core_without_thread_settings():
 
 def test_the_users_thread_count_is_kept():
     assert _run(1)["pool"] == 1
+
+
+def test_pool_settings_are_set_where_the_user_set_none():
+    from vitsparse._tvm import POOL_SETTINGS
+    from vitsparse.jobs import artifact_run
+
+    assert artifact_run.POOL_SETTINGS == POOL_SETTINGS  # the runtime-only loader's copy
+    show = (
+        "import json, os, vitsparse._tvm as t; "
+        "print(json.dumps({k: os.environ[k] for k in t.POOL_SETTINGS}))"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in POOL_SETTINGS}
+    for given in ({}, {"TVM_BIND_THREADS": "1"}):
+        proc = subprocess.run(
+            [sys.executable, "-c", show], env={**env, **given}, capture_output=True, text=True
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert json.loads(proc.stdout.strip().splitlines()[-1]) == {**POOL_SETTINGS, **given}
+
+
+def test_the_pool_governor_runs_one_thread_while_the_cores_are_busy(monkeypatch):
+    from vitsparse.jobs.artifact_run import PoolGovernor
+
+    monkeypatch.delenv("VITSPARSE_ADAPTIVE_POOL", raising=False)
+    now, sizes = [0.0], []
+    governor = PoolGovernor(2, sizes.append, clock=lambda: now[0])
+
+    def run(seconds):
+        def fn():
+            now[0] += seconds
+            return seconds
+
+        return governor.run(fn)
+
+    assert run(0.010) == 0.010 and run(0.011) and sizes == []  # free cores: the full pool
+    run(0.050)  # 5x the best: other processes hold the cores
+    assert sizes == [1] and governor.single
+    run(0.030)
+    assert sizes == [1]  # one thread until the retry
+    now[0] += 2.0
+    run(0.050)  # the full pool again: still slow, back to one thread, the wait doubles
+    assert sizes == [1, 2, 1] and governor.wait == 4.0
+    now[0] += 4.0
+    run(0.010)  # the cores are free again
+    assert sizes == [1, 2, 1, 2] and not governor.single
+    monkeypatch.setenv("VITSPARSE_ADAPTIVE_POOL", "0")
+    off = PoolGovernor(2, sizes.append, clock=lambda: now[0])
+    off.run(lambda: None)
+    assert not off.enabled and sizes == [1, 2, 1, 2]
+    assert not PoolGovernor(1, sizes.append).enabled  # one thread: nothing to govern

@@ -41,6 +41,14 @@ def available_cores() -> int:
 if not any(os.environ.get(name, "").strip() for name in THREAD_VARIABLES):
     os.environ["TVM_NUM_THREADS"] = str(available_cores())
 
+# How the pool's threads behave, where the user set nothing (docs/results/contention_x86.md):
+# TVM pins each worker to one core; on a machine where other processes also run, a pinned
+# thread cannot move off a busy core, and every parallel loop waits for its slowest thread.
+# (What the pool does when every core is busy is `jobs.artifact_run.PoolGovernor`'s job.)
+POOL_SETTINGS = {"TVM_BIND_THREADS": "0"}
+for _name, _value in POOL_SETTINGS.items():
+    os.environ.setdefault(_name, _value)
+
 # A vitsparse error raised inside a pass crosses TVM's FFI on its way out; registered, it comes
 # back as itself (PlanError, not a RuntimeError), so the CLI still names the problem, exit 2.
 for _error in (
@@ -95,6 +103,7 @@ def struct_dtype(expr) -> str:
 
 
 __all__ = [
+    "POOL_SETTINGS",
     "THREAD_VARIABLES",
     "IRModule",
     "Schedule",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from vitsparse.frontend.canonicalize import drop_weight_broadcasts
 from vitsparse.frontend.extract import extract_vit_graph
 from vitsparse.frontend.loading import RANDOM_WEIGHTS_SEED, load_torch_model
 from vitsparse.frontend.onnx_prep import canonicalize_onnx, image_input, load_onnx
-from vitsparse.frontend.vit_graph import ViTGraph
+from vitsparse.frontend.vit_graph import BLOCK_LAYERS, ViTGraph
 
 _DEFAULT_INPUT = (3, 224, 224)
 
@@ -158,6 +159,13 @@ def _import_onnx(path: Path, *, batch: int) -> ImportedModel:
     mod, params = _bind_non_float_params(mod, params)
     mod = drop_weight_broadcasts(mod)
     graph = extract_vit_graph(mod, model_id=model_id)
+    # The blocks' linear weights take timm's names, so that block-mask plans name them alike.
+    named = {
+        weight: f"blocks.{b.index}.{layer}.weight"
+        for b in graph.blocks
+        for layer, weight in zip(BLOCK_LAYERS, b.weight_names(), strict=True)
+    }
+    graph = dataclasses.replace(graph, param_map={**graph.param_map, **named})
     return ImportedModel(mod, params, graph, model_id, input_shape, None, path)
 
 

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
+# The linear layers of a block as timm names them, in `BlockInfo.weight_names` order.
+BLOCK_LAYERS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+
 
 @dataclass(frozen=True)
 class BlockInfo:

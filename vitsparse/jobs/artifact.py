@@ -26,6 +26,7 @@ from vitsparse._weights import weights_seed_of
 from vitsparse.devices import LatencyStats, Timing, configure_threads, first_output, measure
 from vitsparse.errors import ArtifactError, TargetError
 from vitsparse.frontend import ImportedModel
+from vitsparse.jobs.artifact_run import PoolGovernor
 from vitsparse.plan import PruningPlan
 from vitsparse.targets import TargetSpec, export_library
 
@@ -33,7 +34,7 @@ ARTIFACT_FORMAT = "vitsparse-artifact/1"
 ARTIFACT_LIBRARY = "model.so"
 ARTIFACT_MANIFEST = "manifest.json"
 ARTIFACT_RUNNER = "run.py"
-_RUNNER_SOURCE = Path(__file__).with_name("artifact_run.py")
+_RUNNER_SOURCE = Path(__file__).with_name("artifact_run.py")  # also imported: PoolGovernor
 
 
 @dataclass(frozen=True)
@@ -87,8 +88,9 @@ class CompiledModel:
 
     def _get_vm(self):
         if self._vm is None:
-            if self.spec.device_type == "cpu":
-                configure_threads()
+            threads = configure_threads() if self.spec.device_type == "cpu" else 1
+            resize = tvm.get_global_func("runtime.config_threadpool")
+            self._governor = PoolGovernor(threads, lambda n: resize(1, n))
             self._vm = relax.VirtualMachine(self.executable, self._device())
         return self._vm
 
@@ -101,7 +103,8 @@ class CompiledModel:
     def run(self, x: np.ndarray) -> np.ndarray:
         """Run one batch; returns the logits as a numpy array."""
         vm = self._get_vm()
-        out = vm["main"](tvm.runtime.tensor(self._input(x), self._device()))
+        arg = tvm.runtime.tensor(self._input(x), self._device())
+        out = self._governor.run(lambda: vm["main"](arg))  # one thread while cores are busy
         return first_output(out).numpy()
 
     def time(

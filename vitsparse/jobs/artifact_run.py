@@ -9,7 +9,8 @@ or, from Python, ``from run import load; model = load("ARTIFACT_DIR"); logits = 
 ``TVM_USE_RUNTIME_LIB=1`` makes the ``tvm`` package load its runtime library alone (the
 compiler library may be deleted from the board's copy). The thread count is set here, before
 TVM's runtime starts: TVM_NUM_THREADS if given, else every core this process may use (TVM's
-own default on x86 is half of them).
+own default on x86 is half of them); so are the pool's settings, `POOL_SETTINGS`. Each call
+runs under a `PoolGovernor`: one thread while other processes keep the cores busy.
 """
 
 from __future__ import annotations
@@ -23,6 +24,59 @@ from pathlib import Path
 import numpy as np
 
 MANIFEST = "manifest.json"
+# vitsparse's thread-pool settings (vitsparse._tvm.POOL_SETTINGS, copied: this file imports
+# nothing of vitsparse): pool threads that do not pin themselves to a core, so that a thread
+# whose core another process holds can move to a free one.
+POOL_SETTINGS = {"TVM_BIND_THREADS": "0"}
+
+
+class PoolGovernor:
+    """Runs inferences on the full thread pool while the cores are free, on one thread while
+    other processes keep them busy.
+
+    TVM's idle pool threads yield in a loop before they sleep; when every core is taken by
+    other processes each yield hands a core away for a whole time slice, and a two-thread
+    inference becomes tens of times slower (docs/results/contention_x86.md). One thread needs no
+    pool. So: a run slower than ``SLOW`` times the full pool's best shrinks the pool to one
+    thread; after ``retry`` seconds one run tries the full pool again, and the wait doubles (to
+    ``RETRY[1]``) each time the cores are still busy. ``configure(n)`` sizes the pool.
+    ``VITSPARSE_ADAPTIVE_POOL=0`` turns the governor off."""
+
+    SLOW = 2.5
+    RETRY = (2.0, 60.0)
+
+    def __init__(self, threads: int, configure, clock=None):
+        import time
+
+        self.full, self.configure = threads, configure
+        self.clock = clock or time.perf_counter
+        self.enabled = threads > 1 and os.environ.get("VITSPARSE_ADAPTIVE_POOL", "1") != "0"
+        self.best = None  # the full pool's fastest run, seconds
+        self.single = False
+        self.retry_at = 0.0
+        self.wait = self.RETRY[0]
+
+    def run(self, fn):
+        """``fn()`` timed, the pool resized for the next run where the timing says so."""
+        if not self.enabled:
+            return fn()
+        probing = self.single and self.clock() >= self.retry_at
+        if probing:
+            self.configure(self.full)
+            self.single = False
+        start = self.clock()
+        out = fn()
+        seconds = self.clock() - start
+        if self.single:
+            return out
+        if self.best is None or seconds < self.best:
+            self.best = seconds
+        if seconds > self.SLOW * self.best:  # other processes hold the cores
+            self.configure(1)
+            self.single = True
+            self.wait = min(2 * self.wait, self.RETRY[1]) if probing else self.RETRY[0]
+            self.retry_at = self.clock() + self.wait
+        return out
 
 
 class Model:
@@ -41,6 +95,8 @@ class Model:
         if kind == "cpu" and not os.environ.get("TVM_NUM_THREADS"):
             cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
             os.environ["TVM_NUM_THREADS"] = str(len(cores) if cores else os.cpu_count() or 1)
+        for name, value in POOL_SETTINGS.items():  # where the user set nothing
+            os.environ.setdefault(name, value)
         import tvm  # after TVM_NUM_THREADS: the runtime sizes its pool once
         from tvm.runtime.vm import VirtualMachine
 
@@ -49,6 +105,9 @@ class Model:
         self.vm = VirtualMachine(tvm.runtime.load_module(str(library)), self.device)
         self.input_shape = tuple(self.manifest["input_shape"])
         self.input_dtype = self.manifest.get("input_dtype", "float32")
+        threads = int(tvm.get_global_func("runtime.NumThreads")()) if kind == "cpu" else 1
+        resize = tvm.get_global_func("runtime.config_threadpool")
+        self.governor = PoolGovernor(threads, lambda n: resize(1, n))
 
     def _tensor(self, x: np.ndarray):
         x = np.ascontiguousarray(x, dtype=self.input_dtype)
@@ -57,7 +116,8 @@ class Model:
         return self._tvm.runtime.tensor(x, self.device)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        out = self.vm["main"](self._tensor(x))
+        arg = self._tensor(x)
+        out = self.governor.run(lambda: self.vm["main"](arg))
         if not hasattr(out, "numpy"):  # a tuple of outputs: the logits come first
             out = out[0]
         return out.numpy()

@@ -2,11 +2,13 @@
 Runtime, TVM.
 
 Every runtime gets the same seeded random input, the same thread count and the same timing
-scheme as TVM's time_evaluator (``repeat`` samples, each the mean of ``number`` runs, after a
-warm-up), and its output is checked against a reference: PyTorch's output, or ONNX Runtime's
-when the model came in as an ONNX file. With a pruning plan, two more rows: the plan applied to
-the PyTorch model (torch-pruned) and the pruned TVM build (tvm-pruned), both checked against
-torch-pruned's output.
+scheme (``repeat`` samples, each the mean of ``number`` runs, after a warm-up); the runtimes on
+this machine's CPU take their samples in alternating rounds, with a pause between runtimes so
+that one's idle thread pool cannot slow the next. Every output is checked against a reference:
+PyTorch's output, or ONNX Runtime's when the model came in as an ONNX file. With a pruning
+plan, two more rows: the plan applied to the PyTorch model (torch-pruned) and the pruned TVM
+build (tvm-pruned), both checked against torch-pruned's output (for an ONNX file: ONNX
+Runtime's on the file with the pruned blocks zeroed).
 
 A runtime is one entry of `vitsparse.jobs.bench_runtimes.RUNNERS` (name -> function of the
 shared ``Session``); a new row is a new function there.
@@ -39,13 +41,17 @@ from vitsparse.jobs.bench_report import (
 )
 from vitsparse.jobs.bench_runtimes import (
     RUNNERS,
+    Contender,
     Progress,
     Session,
+    masked_onnx_output,
     pruned_torch_model,
     reference,
+    time_alternating,
     torch_output,
 )
 from vitsparse.plan import PruningPlan, load_plan
+from vitsparse.pruning.onnx_masks import validate_onnx_plan
 from vitsparse.targets import host_info
 
 DEFAULT_RUNTIMES = (TORCH_EAGER, ONNXRUNTIME, TVM_DENSE)
@@ -142,7 +148,10 @@ def bench(
     imported = import_model(
         source, batch=batch, checkpoint=checkpoint, pretrained=pretrained, seed=weights_seed
     )
-    pruned_model = pruned_torch_model(imported, inputs.plan) if plan is not None else None
+    onnx_plan = plan is not None and imported.torch_model is None
+    if onnx_plan:
+        validate_onnx_plan(inputs.plan, imported)
+    pruned_model = pruned_torch_model(imported, inputs.plan) if plan and not onnx_plan else None
     x = np.random.default_rng(seed).standard_normal(imported.input_shape, dtype=np.float32)
     spec = inputs.spec
     with contextlib.ExitStack() as stack:
@@ -160,7 +169,13 @@ def bench(
         session.reference_name, session.reference = reference(session)
         if pruned_model is not None:
             session.pruned_reference = torch_output(session, pruned_model)
-        rows = tuple(RUNNERS[name](session) for name in include)
+        elif onnx_plan:  # ONNX Runtime on the file with the pruned blocks zeroed
+            session.pruned_reference = masked_onnx_output(session)
+        prepared = [RUNNERS[name](session) for name in include]
+        timed = iter(
+            time_alternating([p for p in prepared if isinstance(p, Contender)], session.timing, say)
+        )
+        rows = tuple(next(timed) if isinstance(p, Contender) else p for p in prepared)
     return BenchReport(
         model=imported.model_id,
         weights=_weights_label(source, checkpoint, pretrained, weights_seed),

@@ -1,7 +1,11 @@
 """The runtimes a bench compares, one function each (name -> function of the shared `Session`
 in `RUNNERS`; a new row is a new function there): PyTorch eager (on the CPU, or on the GPU a
-CUDA target runs on), ONNX Runtime, and the TVM builds, dense and pruned, measured through
-`vitsparse.devices.measure` on this machine or on a device behind an RPC tracker."""
+CUDA target runs on), ONNX Runtime, and the TVM builds, dense and pruned.
+
+A runtime that runs on this machine's CPU comes back as a `Contender` (one call, and how its
+row is made); `time_alternating` times them all in alternating rounds, pausing between
+runtimes so that one's idle thread pool cannot slow the next. The others (a GPU, a device
+behind an RPC tracker, via `vitsparse.devices.measure`) come back as finished rows."""
 
 from __future__ import annotations
 
@@ -19,8 +23,10 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from vitsparse._tvm import relax, tvm
 from vitsparse._versions import version_of
 from vitsparse.devices import Timing, measure, set_num_threads, time_call
+from vitsparse.devices.measure import LatencyStats, first_output
 from vitsparse.devices.meters import measure_energy, meter_for
 from vitsparse.errors import PlanError, TargetError
 from vitsparse.jobs.artifact import sparsity_summary
@@ -35,6 +41,7 @@ from vitsparse.jobs.bench_report import (
 )
 from vitsparse.jobs.compile import compile_resolved
 from vitsparse.plan import PruningPlan, apply_plan_to_torch
+from vitsparse.pruning import onnx_masks
 
 ONNX_OPSET = 18
 
@@ -130,12 +137,55 @@ class Session:
         return self._onnx
 
 
+# Between two runtimes' samples: long enough for a spinning thread pool (OpenMP's, ONNX
+# Runtime's) to go to sleep before the next runtime is timed.
+QUIESCE_S = 0.02
+
+
+@dataclass
+class Contender:
+    """A runtime ready to be timed on this machine: ``call`` runs one inference (inside
+    ``scope``, e.g. PyTorch's thread count), ``finish`` makes its row from its latency."""
+
+    runtime: str
+    call: Callable[[], object]
+    finish: Callable[[dict], BenchRow]
+    scope: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+
+
+def time_alternating(contenders: list[Contender], timing: Timing, say: Progress) -> list[BenchRow]:
+    """The rows of ``contenders`` timed in alternating rounds: in each of ``timing.repeat``
+    rounds every runtime takes one sample (the mean of ``number`` calls), with a pause between
+    runtimes so that the last one's pool sleeps (a slow spell of the machine, or a pool still
+    spinning, hits them alike instead of one)."""
+    if not contenders:
+        return []
+    say(
+        f"[bench] timing {', '.join(c.runtime for c in contenders)} in {timing.repeat} "
+        "alternating rounds ..."
+    )
+    samples: dict[str, list[float]] = {c.runtime: [] for c in contenders}
+    for c in contenders:
+        with c.scope():
+            for _ in range(timing.warmup):
+                c.call()
+    for _ in range(timing.repeat):
+        for c in contenders:
+            with c.scope():
+                start = time.perf_counter()
+                for _ in range(timing.number):
+                    c.call()
+                samples[c.runtime].append((time.perf_counter() - start) / timing.number * 1e3)
+            time.sleep(QUIESCE_S)
+    return [c.finish(LatencyStats.from_ms(samples[c.runtime]).as_row()) for c in contenders]
+
+
 def reference(session: Session) -> tuple[str, np.ndarray]:
     model = session.imported.torch_model
     if model is not None:
         return TORCH_EAGER, torch_output(session, model)
-    with _ort_session(session) as (run, _):
-        return ONNXRUNTIME, run()
+    run, _ = _ort_session(session)
+    return ONNXRUNTIME, run()
 
 
 def torch_output(session: Session, model) -> np.ndarray:
@@ -153,14 +203,30 @@ def pruned_torch_model(imported, plan):
     return apply_plan_to_torch(imported.torch_model, plan)
 
 
-def _run_torch(session: Session) -> BenchRow:
+def _run_torch(session: Session) -> BenchRow | Contender:
     model = session.imported.torch_model
     if model is None:
         return BenchRow.not_run(TORCH_EAGER, "cpu", "ONNX input has no PyTorch model")
     return _time_torch(session, TORCH_EAGER, model, f"torch {version_of('torch')}, inference_mode")
 
 
-def _run_torch_pruned(session: Session) -> BenchRow:
+def masked_onnx_output(session: Session) -> np.ndarray:
+    """ONNX Runtime's output on the source ONNX file with the plan's pruned blocks zeroed: the
+    reference of the pruned rows of an ONNX model."""
+    path = onnx_masks.masked_onnx(
+        session.imported.onnx_path, session.plan, session.imported, session.tmpdir / "masked.onnx"
+    )
+    return onnx_masks.run_onnx(path, session.x)
+
+
+def _run_torch_pruned(session: Session) -> BenchRow | Contender:
+    if session.pruned_model is None:
+        return BenchRow.not_run(
+            TORCH_PRUNED,
+            "cpu",
+            "ONNX input has no PyTorch model; the pruned rows are checked against ONNX Runtime "
+            "on the file with the pruned blocks zeroed",
+        )
     plan = session.plan
     detail = (
         f"torch {version_of('torch')}, inference_mode; weights masked by the plan ({plan.method}, "
@@ -172,17 +238,26 @@ def _run_torch_pruned(session: Session) -> BenchRow:
 
 def _time_torch(
     session: Session, runtime: str, model, detail: str, *, pruned: bool = False
-) -> BenchRow:
+) -> BenchRow | Contender:
     if session.spec.device_type == "cuda" and session.rpc is None and torch.cuda.is_available():
         return _time_torch_cuda(session, runtime, model, detail, pruned=pruned)
-    session.say(f"[bench] timing {runtime} ({session.threads} threads) ...")
     x = torch.from_numpy(session.x)
-    with _torch_threads(session.threads), torch.inference_mode():
+
+    @contextlib.contextmanager
+    def scope():
+        with _torch_threads(session.threads), torch.inference_mode():
+            yield
+
+    with scope():
         out = model(x).numpy()
-        latency = time_call(lambda: model(x), session.timing).as_row()
-        return session.ok_row(
-            runtime, out, latency, detail=detail, pruned=pruned, run=lambda: model(x)
-        )
+
+    def finish(latency):
+        with scope():
+            return session.ok_row(
+                runtime, out, latency, detail=detail, pruned=pruned, run=lambda: model(x)
+            )
+
+    return Contender(runtime, lambda: model(x), finish, scope)
 
 
 def _time_torch_cuda(session: Session, runtime: str, model, detail: str, *, pruned: bool):
@@ -212,24 +287,26 @@ def _time_torch_cuda(session: Session, runtime: str, model, detail: str, *, prun
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def _run_onnxruntime(session: Session) -> BenchRow:
-    with _ort_session(session) as (run, made_from):
-        session.say(f"[bench] timing {ONNXRUNTIME} ({session.threads} threads) ...")
-        out = run()
-        latency = time_call(run, session.timing).as_row()
-        detail = f"onnxruntime {version_of('onnxruntime')} CPUExecutionProvider on {made_from}"
-        return session.ok_row(ONNXRUNTIME, out, latency, detail=detail, run=run)
+def _run_onnxruntime(session: Session) -> Contender:
+    run, made_from = _ort_session(session)
+    out = run()
+    detail = f"onnxruntime {version_of('onnxruntime')} CPUExecutionProvider on {made_from}"
+    return Contender(
+        ONNXRUNTIME,
+        run,
+        lambda latency: session.ok_row(ONNXRUNTIME, out, latency, detail=detail, run=run),
+    )
 
 
-def _run_tvm_dense(session: Session) -> BenchRow:
+def _run_tvm_dense(session: Session) -> BenchRow | Contender:
     return _run_tvm(session, TVM_DENSE)
 
 
-def _run_tvm_pruned(session: Session) -> BenchRow:
+def _run_tvm_pruned(session: Session) -> BenchRow | Contender:
     return _run_tvm(session, TVM_PRUNED, plan=session.plan)
 
 
-def _run_tvm(session: Session, runtime: str, plan=None) -> BenchRow:
+def _run_tvm(session: Session, runtime: str, plan=None) -> BenchRow | Contender:
     spec, model_id = session.spec, session.imported.model_id
     pruned = " with the pruning plan" if plan is not None else ""
     session.say(f"[bench] compiling {model_id}{pruned} for {spec.name} ({spec.key}) ...")
@@ -258,10 +335,11 @@ def _run_tvm(session: Session, runtime: str, plan=None) -> BenchRow:
             f"target {spec.key} needs {where}; this machine cannot run it",
             detail,
         )
+    if device is None and spec.device_type == "cpu":
+        set_num_threads(session.threads)
+        return _tvm_contender(session, runtime, compiled, detail, pruned=plan is not None)
     meter, energy_seconds = None, 0.0
     if device is None:
-        if spec.device_type == "cpu":
-            set_num_threads(session.threads)
         session.say(f"[bench] timing {runtime} ({session.threads} threads) ...")
         meter, energy_seconds = session.meter(spec.device_type), session.energy_seconds
         if meter.available and energy_seconds > 0:
@@ -296,7 +374,23 @@ def _run_tvm(session: Session, runtime: str, plan=None) -> BenchRow:
     )
 
 
-RUNNERS: Mapping[str, Callable[[Session], BenchRow]] = {
+def _tvm_contender(session: Session, runtime: str, compiled, detail: str, *, pruned: bool):
+    """The compiled model on this machine's CPU, run by the Relax VM."""
+    dev = tvm.cpu()
+    vm = relax.VirtualMachine(compiled.executable, dev)
+    arg = tvm.runtime.tensor(np.ascontiguousarray(session.x), dev)
+    out = first_output(vm["main"](arg)).numpy()
+
+    def call():
+        return vm["main"](arg)
+
+    def finish(latency):
+        return session.ok_row(runtime, out, latency, detail=detail, pruned=pruned, run=call)
+
+    return Contender(runtime, call, finish)
+
+
+RUNNERS: Mapping[str, Callable[[Session], BenchRow | Contender]] = {
     TORCH_EAGER: _run_torch,
     ONNXRUNTIME: _run_onnxruntime,
     TVM_DENSE: _run_tvm_dense,
@@ -318,9 +412,8 @@ def _torch_threads(threads: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-@contextlib.contextmanager
-def _ort_session(session: Session) -> Iterator[tuple[Callable[[], np.ndarray], str]]:
-    """A CPU InferenceSession on the session's ONNX file; yields (run, how the file was made)."""
+def _ort_session(session: Session) -> tuple[Callable[[], np.ndarray], str]:
+    """A CPU InferenceSession on the session's ONNX file: (run, how the file was made)."""
     path, made_from = session.onnx_file()
     options = ort.SessionOptions()
     options.intra_op_num_threads = session.threads
@@ -328,9 +421,7 @@ def _ort_session(session: Session) -> Iterator[tuple[Callable[[], np.ndarray], s
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     ort_session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     feed = {ort_session.get_inputs()[0].name: session.x}
-    # The session (and its spinning worker threads) dies with the caller's `run`, before the
-    # next runtime is timed.
-    yield (lambda: ort_session.run(None, feed)[0]), made_from
+    return (lambda: ort_session.run(None, feed)[0]), made_from
 
 
 def _export_onnx(model, x: np.ndarray, outdir: Path) -> tuple[Path, str]:

@@ -4,7 +4,8 @@ from the target's database, hand-written rules for the rest), ``tvm.compile`` it
     compile_model(source, target=..., plan=..., db=...) -> CompiledModel (run, time, export)
 
 The target, database and plan are resolved once, before the import; `prepare` is where an
-imported model meets its plan (checked against the PyTorch model) and becomes a pipeline.
+imported model meets its plan (checked against the PyTorch model, or an ONNX file's weights)
+and becomes a pipeline.
 """
 
 from __future__ import annotations
@@ -13,13 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
-from vitsparse.errors import PlanError
 from vitsparse.frontend import RANDOM_WEIGHTS_SEED, ImportedModel, import_model
 from vitsparse.jobs._break_even import break_even_for
 from vitsparse.jobs._inputs import Inputs, resolve_inputs
 from vitsparse.jobs.artifact import CompiledModel
 from vitsparse.passes import pipeline
 from vitsparse.plan import PruningPlan, validate_plan
+from vitsparse.pruning.onnx_masks import validate_onnx_plan
 from vitsparse.targets import TargetSpec
 
 
@@ -95,11 +96,8 @@ def prepare(
     if plan is not None:
         if imported.torch_model is not None:
             validate_plan(plan, imported.torch_model)
-        if plan.structure is not None and not plan.structure.empty and imported.torch_model is None:
-            raise PlanError(
-                f"{imported.model_id}: structural pruning (heads, MLP, embedding, tokens) "
-                "compiles PyTorch imports only; give the timm name or nn.Module, not ONNX"
-            )
+        else:  # an ONNX import: block masks of its layers, for its weights
+            validate_onnx_plan(plan, imported)
     config = pipeline.PipelineConfig(
         target=spec.target,
         schedule_family=spec.schedule_family,

@@ -6,6 +6,7 @@ its fidelity on calibration images where the weights are reproducible)."""
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,16 +15,17 @@ import torch
 
 from vitsparse.data.sources import load_images
 from vitsparse.errors import ModelError, PlanError
-from vitsparse.frontend import RANDOM_WEIGHTS_SEED, load_torch_model
+from vitsparse.frontend import RANDOM_WEIGHTS_SEED, import_model, load_torch_model
 from vitsparse.jobs.finetune import check_output
 from vitsparse.jobs.finetune import finetune as run_finetune
 from vitsparse.jobs.finetune_report import FinetuneReport
 from vitsparse.plan import PruningPlan, parse_block_size, structural_support
 from vitsparse.pruning import flops as counts
+from vitsparse.pruning import onnx_masks
 from vitsparse.pruning.budget import Budget, MeasuredBudget
 from vitsparse.pruning.compose import compose_plan
 from vitsparse.pruning.criteria import criterion, make_plan
-from vitsparse.pruning.evaluate import evaluate
+from vitsparse.pruning.evaluate import evaluate, fidelity
 from vitsparse.pruning.fractions import parse_block_spec, structure_plan
 
 
@@ -57,8 +59,9 @@ def prune(
     Parameters
     ----------
     source
-        A timm model name or an ``nn.Module`` (see ``vitsparse.frontend.load_torch_model``).
-        Pruning reads the PyTorch weights, so ONNX files are not accepted.
+        A timm model name or an ``nn.Module`` (see ``vitsparse.frontend.load_torch_model``),
+        or an ``.onnx`` file: block masks only (``magnitude``/``random`` with ``blocks``, or
+        ``lpvit`` with a budget; see `vitsparse.pruning.onnx_masks`).
     method
         Without a budget: ``"magnitude"`` or ``"random"`` (see ``block_mask_plan``).
     blocks
@@ -75,8 +78,7 @@ def prune(
         Seed of the random method.
     checkpoint, pretrained
         Weights to load, as in ``load_torch_model``. Without either, a timm name gets timm's
-        random initialisation, different on every call, and the plan's weights hash matches
-        only that one model.
+        random initialisation drawn from ``weights_seed``, the same in every process.
 
     Raises
     ------
@@ -85,13 +87,19 @@ def prune(
     ModelError
         The model cannot be loaded.
     """
-    if isinstance(source, (str, Path)) and str(source).lower().endswith(".onnx"):
-        raise ModelError(
-            f"pruning reads the PyTorch weights; {str(source)!r} is an ONNX file. Give the timm "
-            "model name, with --checkpoint FILE for your weights"
-        )
     fractions = {"heads": heads, "mlp": mlp, "embed": embed, "tokens": tokens}
     given = {name: value for name, value in fractions.items() if value is not None}
+    if _is_onnx(source):
+        if checkpoint is not None or pretrained:
+            raise ModelError(
+                f"{source}: an ONNX file holds its weights; drop --checkpoint/--pretrained"
+            )
+        if given:
+            raise PlanError(
+                f"{', '.join('--' + k for k in given)}: structural pruning needs the PyTorch "
+                "model; an ONNX file takes block masks (--blocks, or --method lpvit with a budget)"
+            )
+        return _prune_onnx(source, method, blocks, budget, layers, seed, calib, calib_size)
     if budget is not None and given:
         raise PlanError(
             "a budget lets the criterion choose what to keep; do not also give heads, mlp, "
@@ -123,6 +131,53 @@ def prune(
         layers=layers,
         seed=seed,
     )
+
+
+def _is_onnx(source) -> bool:
+    return isinstance(source, (str, Path)) and str(source).lower().endswith(".onnx")
+
+
+def _prune_onnx(source, method, blocks, budget, layers, seed, calib, calib_size) -> PruningPlan:
+    """Block masks of an ONNX file (`vitsparse.pruning.onnx_masks`): explicit fractions by
+    magnitude or at random, or LPViT-style under a budget."""
+    if method not in onnx_masks.METHODS:
+        raise PlanError(
+            f"an ONNX file is pruned by {', '.join(onnx_masks.METHODS)} (block masks; no "
+            f"gradients or PyTorch module), not {method}"
+        )
+    if method == "lpvit":
+        if budget is None:
+            raise PlanError("lpvit needs a budget, e.g. flops=0.5")
+        parsed = Budget.parse(budget)
+        block = (16, 16) if blocks is None else _block_size(blocks)
+        imported = import_model(source)
+        size = imported.input_shape[-1]
+        images = load_images(calib or "synthetic", image_size=size, limit=calib_size).images
+        return onnx_masks.onnx_lpvit_plan(
+            imported, images.numpy(), parsed, block=block, layers=layers
+        )
+    if budget is not None:
+        raise PlanError(f"{method} takes explicit --blocks ROWSxCOLS:KEEP, not a budget, for ONNX")
+    if blocks is None:
+        raise PlanError("nothing to prune: give --blocks ROWSxCOLS:KEEP")
+    block, keep = parse_block_spec(blocks)
+    return onnx_masks.onnx_block_mask_plan(
+        import_model(source),
+        block=block,
+        keep=keep,
+        method=method,
+        layers=layers,
+        seed=seed,
+    )
+
+
+def _block_size(blocks: str) -> tuple[int, int]:
+    try:
+        return parse_block_size(blocks)
+    except ValueError:
+        raise PlanError(
+            f"with a budget, blocks is a block size ROWSxCOLS (e.g. 16x16), got {blocks!r}"
+        ) from None
 
 
 # Criteria whose plans prune structure (heads, neurons, channels, tokens).
@@ -254,10 +309,37 @@ def predict(
     """The kept fraction of ``source``'s FLOPs and weights under ``plan``; with ``calib``, the
     fidelity on those images too (timm's random weights come from a seed, so every process
     loads the weights the plan was made for)."""
+    if _is_onnx(source):
+        return _predict_onnx(source, plan, calib, calib_size)
     model, _ = load_torch_model(
         source, checkpoint=checkpoint, pretrained=pretrained, seed=weights_seed
     )
     return _predict(model, plan, calib, calib_size)
+
+
+def _predict_onnx(source, plan: PruningPlan, calib, calib_size: int) -> Prediction:
+    """`predict` of an ONNX file: the counts from its graph, the fidelity by ONNX Runtime on
+    the file and on its masked copy."""
+    imported = import_model(source)
+    onnx_masks.validate_onnx_plan(plan, imported)
+    flops_kept, macs = onnx_masks.kept(imported, plan, "flops")
+    params_kept, weights = onnx_masks.kept(imported, plan, "params")
+    out = Prediction(flops_kept, round(macs), params_kept, round(weights))
+    if not calib:
+        return out
+    data = load_images(calib, image_size=imported.input_shape[-1], limit=calib_size)
+    with tempfile.TemporaryDirectory(prefix="vitsparse-") as tmp:
+        masked = onnx_masks.masked_onnx(source, plan, imported, Path(tmp) / "masked.onnx")
+        dense_out = onnx_masks.run_onnx(source, data.images.numpy())
+        pruned_out = onnx_masks.run_onnx(masked, data.images.numpy())
+    agreement, mean_kl = fidelity(dense_out, pruned_out)
+    return dataclasses.replace(
+        out,
+        fidelity_data=data.name,
+        fidelity_images=len(data),
+        agreement=agreement,
+        mean_kl=mean_kl,
+    )
 
 
 def _predict(model, plan: PruningPlan, calib, calib_size: int) -> Prediction:

@@ -803,12 +803,10 @@ def _cost_table(given, model, spec, rpc, threads: int, say) -> CostTable:
     )
     device = f"rpc-{rpc.key}" if rpc is not None else spec.device_type
     path = cache_dir() / "cost" / f"{spec.key}-{device}-t{threads}-{grid.name}.json"
-    if path.exists():
-        table = CostTable.load(path)
-        if table.complete:
-            say(f"[search] cost table: {path} (cached)")
-            return table
-    say(f"[search] profiling this model's shapes on the target into {path} (cached after)")
+    if path.exists() and CostTable.load(path).complete:  # checked, and repaired where disturbed
+        say(f"[search] cost table: {path} (cached)")
+    else:
+        say(f"[search] profiling this model's shapes on the target into {path} (cached after)")
     return profile(spec, path, grid=grid, rpc=rpc, energy_seconds=0.0, progress=say)
 
 

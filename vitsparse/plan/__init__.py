@@ -16,7 +16,12 @@ from vitsparse.plan.format import (
     parse_block_size,
 )
 from vitsparse.plan.pruned_vit import apply_structure, geometry_of, structural_support
-from vitsparse.plan.reference import apply_plan_to_torch, validate_plan, weights_hash
+from vitsparse.plan.reference import (
+    apply_plan_to_torch,
+    hash_named_weights,
+    validate_plan,
+    weights_hash,
+)
 from vitsparse.plan.structure import (
     TOKEN_RULES,
     BlockStructure,
@@ -51,5 +56,6 @@ __all__ = [
     "structural_support",
     "validate_plan",
     "weights_hash",
+    "hash_named_weights",
     "weights_seed_of",
 ]

@@ -8,6 +8,7 @@ import copy
 import difflib
 import hashlib
 
+import numpy as np
 import torch
 
 from vitsparse._weights import weights_seed_of
@@ -25,15 +26,23 @@ def weights_hash(model: torch.nn.Module) -> str:
     as ASCII ``"<out>x<in>"``, a NUL byte, then the weight as contiguous little-endian float32
     bytes. Biases and all other parameters are not hashed.
     """
-    linears = sorted(
-        (name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+    return hash_named_weights(
+        (name, m.weight.detach().to("cpu", torch.float32).contiguous().numpy())
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear)
     )
+
+
+def hash_named_weights(named) -> str:
+    """``"sha256:<hex>"`` of ``(module name, (out, in) weight array)`` pairs, hashed in
+    ascending name order as `weights_hash` describes (an ONNX model's blocks are hashed this
+    way under their canonical names, ``blocks.<i>.attn.qkv`` ...)."""
     digest = hashlib.sha256()
-    for name, module in linears:
-        weight = module.weight.detach().to("cpu", torch.float32).contiguous().numpy()
+    for name, weight in sorted(named, key=lambda item: item[0]):
+        weight = np.ascontiguousarray(weight, dtype="<f4")
         digest.update(name.encode("utf-8") + b"\0")
         digest.update("x".join(map(str, weight.shape)).encode("ascii") + b"\0")
-        digest.update(weight.astype("<f4", copy=False).tobytes())
+        digest.update(weight.tobytes())
     return f"sha256:{digest.hexdigest()}"
 
 

@@ -86,38 +86,17 @@ def block_mask_plan(
         Unknown method, keep outside (0, 1], a pattern matching no linear layer, a block size
         that is not handled or does not divide a selected layer (naming the layer).
     """
-    score = BLOCK_SCORES.get(method)
-    if score is None:
-        raise PlanError(f"unknown pruning method {method!r}; known: {', '.join(BLOCK_SCORES)}")
-    if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 < keep <= 1:
-        raise PlanError(f"keep must be a fraction in (0, 1], got {keep!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise PlanError(f"seed must be a non-negative integer, got {seed!r}")
+    score = check_request(keep, method, seed)
     patterns = list(DEFAULT_LAYERS if layers is None else layers)
     if not patterns:
         raise PlanError("no layer patterns given; leave layers unset for the default")
     rows, cols = block
-    masks: dict[str, BlockMask] = {}
-    for name, module in select_linear_layers(model, patterns):
-        weight = module.weight.detach().to("cpu", torch.float64).numpy()
-        check_block_geometry(name, (rows, cols), weight.shape)
-        out_features, in_features = weight.shape
-        grid = (out_features // rows, in_features // cols)
-        blocks = weight.reshape(grid[0], rows, grid[1], cols).transpose(0, 2, 1, 3)
-        rng = np.random.default_rng([seed, zlib.crc32(name.encode("utf-8"))])
-        scores = score(blocks, rng).ravel()
-        n_keep = max(1, math.floor(keep * scores.size + 0.5))
-        # Stable sort of the negated scores: largest first, ties in row-major order.
-        order = np.argsort(-scores, kind="stable")
-        kept = np.zeros(scores.size, dtype=bool)
-        kept[order[:n_keep]] = True
-        masks[name] = BlockMask(
-            rows=rows,
-            cols=cols,
-            out_features=out_features,
-            in_features=in_features,
-            kept=kept.reshape(grid),
+    masks = {
+        name: layer_mask(
+            name, module.weight.detach().to("cpu", torch.float64).numpy(), block, keep, score, seed
         )
+        for name, module in select_linear_layers(model, patterns)
+    }
     return PruningPlan(
         model_id=model_id,
         weights_hash=weights_hash(model),
@@ -125,6 +104,43 @@ def block_mask_plan(
         method=method,
         budget={"blocks": f"{rows}x{cols}", "keep": float(keep), "layers": patterns, "seed": seed},
         layers=masks,
+    )
+
+
+def check_request(keep, method: str, seed) -> BlockScore:
+    """The score of ``method``, after checking ``keep`` and ``seed`` (PlanError naming them)."""
+    score = BLOCK_SCORES.get(method)
+    if score is None:
+        raise PlanError(f"unknown pruning method {method!r}; known: {', '.join(BLOCK_SCORES)}")
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 < keep <= 1:
+        raise PlanError(f"keep must be a fraction in (0, 1], got {keep!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise PlanError(f"seed must be a non-negative integer, got {seed!r}")
+    return score
+
+
+def layer_mask(
+    name: str, weight: np.ndarray, block: tuple[int, int], keep: float, score: BlockScore, seed: int
+) -> BlockMask:
+    """The mask keeping ``keep`` of the blocks of one ``(out, in)`` weight, by ``score``."""
+    rows, cols = block
+    check_block_geometry(name, (rows, cols), weight.shape)
+    out_features, in_features = weight.shape
+    grid = (out_features // rows, in_features // cols)
+    blocks = weight.reshape(grid[0], rows, grid[1], cols).transpose(0, 2, 1, 3)
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode("utf-8"))])
+    scores = score(blocks, rng).ravel()
+    n_keep = max(1, math.floor(keep * scores.size + 0.5))
+    # Stable sort of the negated scores: largest first, ties in row-major order.
+    order = np.argsort(-scores, kind="stable")
+    kept = np.zeros(scores.size, dtype=bool)
+    kept[order[:n_keep]] = True
+    return BlockMask(
+        rows=rows,
+        cols=cols,
+        out_features=out_features,
+        in_features=in_features,
+        kept=kept.reshape(grid),
     )
 
 

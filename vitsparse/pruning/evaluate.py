@@ -82,13 +82,20 @@ def compare(
     fine-tuned student against its teacher, say); both are left in eval mode."""
     dense = _logits(dense_model.eval(), data, batch_size)
     pruned = _logits(pruned_model.eval(), data, batch_size)
-    agreement = float((pruned.argmax(-1) == dense.argmax(-1)).float().mean())
-    log_p, log_q = dense.log_softmax(-1), pruned.log_softmax(-1)
-    kl = float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
+    agreement, kl = fidelity(dense, pruned)
     labels = data.labels
     return EvalReport(
         data.name, len(data), _top1(dense, labels), _top1(pruned, labels), agreement, kl
     )
+
+
+def fidelity(dense, pruned) -> tuple[float, float]:
+    """(top-1 agreement, mean KL(dense || pruned)) of two batches of logits (tensors or
+    arrays)."""
+    dense, pruned = torch.as_tensor(dense).float(), torch.as_tensor(pruned).float()
+    agreement = float((pruned.argmax(-1) == dense.argmax(-1)).float().mean())
+    log_p, log_q = dense.log_softmax(-1), pruned.log_softmax(-1)
+    return agreement, float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
 
 
 def _top1(logits: torch.Tensor, labels: torch.Tensor | None) -> float | None:

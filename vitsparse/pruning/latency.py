@@ -7,22 +7,29 @@ A plan's prediction is a sum of components, each named by its shape:
   table's ``block_ms``, extrapolated beyond its grid);
 - one per block-masked linear layer, ``bsr MxKxN block=RxC density=D`` (D to 0.05): what its
   kernel saves, the table's BSR kernel minus its dense kernel (none where BSR is slower: the
-  compiler keeps the dense kernel above the break-even density).
+  compiler keeps the dense kernel above the break-even density);
+- one for the rest, ``rest embed=..``: the patch embedding and the classifier as dense kernels.
 
-The patch embedding, the classifier and the runtime's own overhead are in no component; the
-correction absorbs them. **Correction.** Each measured candidate gives the ratio of its
-measurement to its raw prediction; every component shape in it takes that ratio as an estimate
-of its own factor (a shape in several candidates: the geometric mean of theirs). A new plan's
-prediction is its raw prediction times the mean of its components' factors (log-space, weighted
-by each component's size), a shape never measured taking the latest measurement's ratio (the
-candidate the loop just measured, usually the nearest plan). A plan made only of shapes already
-measured is predicted as they measured; the factors carry from one candidate (and one method)
-to the next. The same model predicts energy: its factors then turn
-the table's milliseconds into measured millijoules.
+The runtime's own overhead is in no component; the correction absorbs it.
+
+**Correction.** Every component shape has a factor, measured ms per predicted ms, fitted from
+the measured candidates in the order they were measured. A candidate's shapes that an earlier
+one already fixed keep their factors; what it measured beyond them, divided by the raw cost of
+its new shapes, is the factor of each new shape (bounded to a quarter..4x of its whole-plan
+ratio). A candidate with no new shape of weight spreads its ratio of measured to predicted over
+its shapes (a shape seen several times: the geometric mean of its estimates). So the dense
+model fixes the dense block and the rest; a token plan whose first blocks are dense is then
+explained by its pruned blocks alone, not by a ratio smeared over all of them. A plan's
+prediction is the sum of its components, each times its factor; a shape never measured takes
+the factor of the nearest measured shape of its kind (block, BSR saving, rest: nearest in
+log cost), the latest measurement's whole-plan ratio when there is none. The factors carry from
+one candidate (and one method) to the next. The same model predicts energy: its factors then
+turn the table's milliseconds into measured millijoules.
 
 It is also a criterion cost model (`vitsparse.pruning.budget.CostModel`): ``saving`` and
-``model_cost`` are the table's, scaled by the current factors, so NViT and LPViT plan with what
-the target measured.
+``model_cost`` are the table's, scaled by the latest measurement's whole-plan ratio, so NViT and
+LPViT plan in what the target measured (one factor for every plan: per-shape factors could make
+a smaller model cost more than a larger one, and NViT takes differences of these).
 """
 
 from __future__ import annotations
@@ -44,6 +51,12 @@ _LAYER_SHAPE = {  # (in, out) of a block's linear layers, from its block shape
     "mlp.fc1": lambda s: (s["embed"], s["mlp"]),
     "mlp.fc2": lambda s: (s["mlp"], s["embed"]),
 }
+
+
+# A candidate's new shapes are fitted alone when they hold at least this share of its raw cost;
+# a fitted factor stays within BOUND times the candidate's whole-plan ratio.
+NEW_SHARE = 0.05
+BOUND = 4.0
 
 
 @dataclass
@@ -68,6 +81,7 @@ class LatencyModel:
     table: CostTable
     block: tuple[int, int] = (16, 16)
     observations: list[Observation] = field(default_factory=list)
+    _units: dict[str, float] = field(default_factory=dict, repr=False)  # key: one instance's ms
 
     # --- prediction ----------------------------------------------------------------------------
 
@@ -77,7 +91,11 @@ class LatencyModel:
         out: dict[str, float] = {}
         for shape in shapes:
             key = block_key(shape)
-            out[key] = out.get(key, 0.0) + self.table.block_ms(**shape, extrapolate=True)
+            self._units[key] = self.table.block_ms(**shape, extrapolate=True)
+            out[key] = out.get(key, 0.0) + self._units[key]
+        rest = self._rest(model, shapes[0]["embed"] if shapes else None)
+        if rest is not None:
+            out[rest[0]] = self._units[rest[0]] = rest[1]
         layers = plan.layers if isinstance(plan, PruningPlan) else {}
         for name, mask in layers.items():
             parts = name.split(".")
@@ -95,36 +113,91 @@ class LatencyModel:
                 f"bsr {m}x{k}x{n} block={mask.block[0]}x{mask.block[1]} "
                 f"density={round(mask.density * 20) / 20:g}"
             )
+            self._units[key] = sparse - dense
             out[key] = out.get(key, 0.0) + sparse - dense
         return out
+
+    def _rest(self, model, embed: int | None) -> tuple[str, float] | None:
+        """(key, raw ms) of the patch embedding and the classifier at embedding ``embed``, as
+        dense kernels; None for a model without them or a table without dense kernels."""
+        proj = getattr(getattr(model, "patch_embed", None), "proj", None)
+        weight = getattr(proj, "weight", None)
+        if embed is None or weight is None or weight.dim() != 4:
+            return None
+        patches = int(model.patch_embed.num_patches)
+        head = getattr(model, "head", None)
+        classes = int(head.out_features) if isinstance(head, torch.nn.Linear) else 0
+        try:
+            ms = self.table.kernel_ms(
+                "dense", patches, int(weight[0].numel()), embed, extrapolate=True
+            )
+            if classes:
+                ms += self.table.kernel_ms("dense", 1, embed, classes, extrapolate=True)
+        except TargetError:
+            return None
+        return f"rest embed={embed}", ms
 
     def raw(self, model, plan) -> float:
         """The cost table's prediction alone."""
         return _positive(sum(self.components(model, plan).values()))
 
+    def factors(self) -> dict[str, float]:
+        """{component shape: factor} fitted from the observations (module docstring)."""
+        estimates: dict[str, list[float]] = {}
+        for o in self.observations:
+            fixed = {k: _geomean(estimates[k]) for k in o.components if k in estimates}
+            known = sum(fixed[k] * c for k, c in o.components.items() if k in fixed)
+            new = {k: c for k, c in o.components.items() if k not in fixed}
+            weight = sum(abs(c) for c in o.components.values()) or 1.0
+            if new and abs(sum(new.values())) >= NEW_SHARE * weight:
+                f = (o.measured - known) / sum(new.values())
+                f = min(max(f, o.ratio / BOUND), o.ratio * BOUND)
+                for k in new:
+                    estimates[k] = [f]
+                continue
+            predicted = known + sum(new.values()) * o.ratio
+            r = o.measured / predicted if predicted > 0 else o.ratio
+            for k in o.components:
+                estimates.setdefault(k, []).append(fixed.get(k, o.ratio) * r)
+        return {k: _geomean(v) for k, v in estimates.items()}
+
     def factor(self, components: dict[str, float]) -> float:
-        """The correction for a plan of ``components`` (1 before any observation)."""
+        """The correction of a plan of ``components``: its prediction over its raw cost (1
+        before any observation; the latest measurement's ratio for no components)."""
         if not self.observations:
             return 1.0
-        carried = self.observations[-1].ratio  # the latest: usually the nearest plan
         if not components:
+            return self.observations[-1].ratio
+        raw = _positive(sum(components.values()))
+        return _positive(self._corrected(components)) / raw
+
+    def _corrected(self, components: dict[str, float]) -> float:
+        fitted = self.factors()
+        carried = self.observations[-1].ratio
+        total = 0.0
+        for key, c in components.items():
+            f = fitted.get(key)
+            if f is None:
+                f = self._nearest(key, fitted, carried)
+            total += f * c
+        return total
+
+    def _nearest(self, key: str, fitted: dict[str, float], carried: float) -> float:
+        """The factor of the measured shape of ``key``'s kind nearest it in log unit cost."""
+        kind = key.split(" ", 1)[0]
+        unit = abs(self._units.get(key, 0.0))
+        same = [k for k in fitted if k.split(" ", 1)[0] == kind and self._units.get(k)]
+        if not same or unit <= 0:
             return carried
-        per_shape: dict[str, list[float]] = {}
-        for o in self.observations:
-            for key in o.components:
-                per_shape.setdefault(key, []).append(o.ratio)
-        weights = {k: abs(v) for k, v in components.items()}
-        total = sum(weights.values()) or 1.0
-        logs = sum(
-            w * math.log(_geomean(per_shape[k]) if k in per_shape else carried)
-            for k, w in weights.items()
-        )
-        return math.exp(logs / total)
+        nearest = min(same, key=lambda k: abs(math.log(abs(self._units[k]) / unit)))
+        return fitted[nearest]
 
     def predict(self, model, plan) -> float:
         """The corrected prediction of ``model`` pruned by ``plan``."""
         components = self.components(model, plan)
-        return _positive(sum(components.values())) * self.factor(components)
+        if not self.observations:
+            return _positive(sum(components.values()))
+        return _positive(self._corrected(components))
 
     def observe(self, model, plan, measured: float, label: str = "") -> Observation:
         """Record a measurement of ``model`` pruned by ``plan``; later predictions use it."""
@@ -137,8 +210,6 @@ class LatencyModel:
 
     # --- the criteria's cost model -------------------------------------------------------------
 
-    # One factor for every plan here (the latest measurement's): per-shape factors could make
-    # a smaller model cost more than a larger one, and NViT takes differences of these.
     def saving(self, layer: str, shape: tuple[int, int], tokens: int, sparsity: float) -> float:
         cost = TableCost(self.table, self.block)
         return cost.saving(layer, shape, tokens, sparsity) * self.factor({})
@@ -148,7 +219,7 @@ class LatencyModel:
 
     def for_block(self, block: tuple[int, int]) -> LatencyModel:
         """This model pricing BSR kernels of ``block`` (observations shared)."""
-        return LatencyModel(self.table, tuple(block), self.observations)
+        return LatencyModel(self.table, tuple(block), self.observations, self._units)
 
 
 def _positive(ms: float) -> float:

@@ -45,7 +45,7 @@ LAMBDA = 1e-7
 
 
 @dataclass
-class _Layer:
+class LayerCurves:
     """One layer's curves over k = 0..n pruned blocks (lowest score first)."""
 
     name: str
@@ -81,7 +81,7 @@ def calibration_gradients(model, images: torch.Tensor, batch_size: int = 32) -> 
     return grads
 
 
-def _curves(name, weight, grad, block, tokens, cost: CostModel, metric: str) -> _Layer:
+def _curves(name, weight, grad, block, tokens, cost: CostModel, metric: str) -> LayerCurves:
     rows, cols = block
     out_f, in_f = weight.shape
     grid = (out_f // rows, in_f // cols)
@@ -100,7 +100,7 @@ def _curves(name, weight, grad, block, tokens, cost: CostModel, metric: str) -> 
     n = order.size
     fractions = np.arange(n + 1) / n
     per_token = 1 if metric == "params" else tokens  # weights saved do not scale with tokens
-    return _Layer(
+    return LayerCurves(
         name,
         (out_f, in_f),
         grid,
@@ -111,34 +111,16 @@ def _curves(name, weight, grad, block, tokens, cost: CostModel, metric: str) -> 
     )
 
 
-def lpvit_plan(
-    model: torch.nn.Module,
-    calibration: torch.Tensor,
+def allocate(
+    curves: list[LayerCurves],
     budget: Budget,
-    *,
-    model_id: str,
-    block: tuple[int, int] = (16, 16),
-    cost: CostModel | None = None,
-    layers=None,
+    dense: float,
+    block: tuple[int, int],
     beta_scale: float = 1.0,
-    progress=None,
-) -> PruningPlan:
-    """The LPViT block-mask plan of ``model`` meeting ``budget`` (see the module docstring);
-    ``progress`` is unused (one backward pass over the calibration images is quick)."""
-    del progress
-    geo = geometry_of(model)
-    cost = cost or FlopsCost()
-    if hasattr(cost, "for_block"):  # a measured cost table: the kernels of this block size
-        cost = cost.for_block(block)
-    tokens = geo.num_patches + geo.num_prefix_tokens
-    selected = select_linear_layers(model, list(DEFAULT_LAYERS if layers is None else layers))
-    grads = calibration_gradients(model, calibration)
-    curves = []
-    for name, module in selected:
-        weight = module.weight.detach().double().numpy()
-        check_block_geometry(name, block, weight.shape)
-        grad = grads[name].double().numpy()
-        curves.append(_curves(name, weight, grad, block, tokens, cost, budget.metric))
+) -> tuple[dict[str, BlockMask], float]:
+    """({layer: mask}, beta): each layer's pruned block count at the common slope ``mu`` of
+    distortion minus beta times saving at which the budget holds (steps 4-6 of the module
+    docstring); ``dense`` is the model's metric unpruned."""
     # Slopes per pruned block, in units of sparsity (one block is 1/n of the layer).
     d_delta = [np.diff(c.delta) * c.n for c in curves]
     d_save = [np.diff(c.saving) * c.n for c in curves]
@@ -155,7 +137,6 @@ def lpvit_plan(
         np.maximum.accumulate((dd - beta * ds)[:top])
         for dd, ds, top in zip(d_delta, d_save, tops, strict=True)
     ]
-    dense = budget.measure(model)
     target = (1 - budget.fraction) * dense
 
     def saved(picks):
@@ -191,6 +172,39 @@ def lpvit_plan(
             in_features=curve.shape[1],
             kept=kept.reshape(curve.grid),
         )
+    return masks, beta
+
+
+def lpvit_plan(
+    model: torch.nn.Module,
+    calibration: torch.Tensor,
+    budget: Budget,
+    *,
+    model_id: str,
+    block: tuple[int, int] = (16, 16),
+    cost: CostModel | None = None,
+    layers=None,
+    beta_scale: float = 1.0,
+    progress=None,
+) -> PruningPlan:
+    """The LPViT block-mask plan of ``model`` meeting ``budget`` (see the module docstring);
+    ``progress`` is unused (one backward pass over the calibration images is quick)."""
+    del progress
+    geo = geometry_of(model)
+    cost = cost or FlopsCost()
+    if hasattr(cost, "for_block"):  # a measured cost table: the kernels of this block size
+        cost = cost.for_block(block)
+    tokens = geo.num_patches + geo.num_prefix_tokens
+    selected = select_linear_layers(model, list(DEFAULT_LAYERS if layers is None else layers))
+    grads = calibration_gradients(model, calibration)
+    curves = []
+    for name, module in selected:
+        weight = module.weight.detach().double().numpy()
+        check_block_geometry(name, block, weight.shape)
+        grad = grads[name].double().numpy()
+        curves.append(_curves(name, weight, grad, block, tokens, cost, budget.metric))
+    dense = budget.measure(model)
+    masks, beta = allocate(curves, budget, dense, block, beta_scale)
     return PruningPlan(
         model_id=model_id,
         weights_hash=weights_hash(model),
