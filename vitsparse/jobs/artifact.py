@@ -73,6 +73,7 @@ class CompiledModel:
         self.plan = plan
         self.sparsity_decisions = sparsity or []  # per masked layer: density, break-even, kernel
         self._vm = None
+        self._governor = None  # made with the VM (`_get_vm`)
 
     @property
     def input_shape(self) -> tuple[int, ...]:

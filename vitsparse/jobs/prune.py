@@ -209,12 +209,7 @@ def _criterion(method, budget, blocks, layers, knobs, calib, calib_size, progres
     if blocks is not None:
         if "block" not in spec.knobs:
             raise PlanError(f"{method} does not prune blocks; --blocks does not apply")
-        try:
-            knobs["block"] = parse_block_size(blocks)
-        except ValueError:
-            raise PlanError(
-                f"with a budget, blocks is a block size ROWSxCOLS (e.g. 16x16), got {blocks!r}"
-            ) from None
+        knobs["block"] = _block_size(blocks)
     if layers is not None:
         if method != "lpvit":
             raise PlanError(
