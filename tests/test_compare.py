@@ -264,7 +264,7 @@ def test_every_runtime_has_a_runner():
 def test_runtimes_take_their_samples_in_alternating_rounds_with_a_pause():
     from vitsparse.devices import Timing
     from vitsparse.jobs.bench_report import BenchRow
-    from vitsparse.jobs.bench_runtimes import QUIESCE_S, Contender, time_alternating
+    from vitsparse.jobs.bench_session import QUIESCE_S, Contender, time_alternating
 
     calls: list[tuple[str, float]] = []
 

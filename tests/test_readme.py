@@ -38,6 +38,7 @@ QUICK = (
     "-o plan.json",
     "vitsparse eval",
     "vitsparse targets",
+    "vitsparse compile vitsparse/digits_vit --precision int8",
 )
 
 

@@ -14,9 +14,10 @@ import tvm.relax.frontend.torch  # noqa: F401  (makes relax.frontend.torch impor
 import tvm_ffi
 from tvm import relax, te, topi
 from tvm import tirx as tir
-from tvm.s_tir import dlight
+from tvm.s_tir import TensorIntrin, dlight
 from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir import schedule as s_schedule
+from tvm.script import tirx as T
 
 from vitsparse import errors
 
@@ -107,7 +108,9 @@ __all__ = [
     "THREAD_VARIABLES",
     "IRModule",
     "Schedule",
+    "T",
     "Target",
+    "TensorIntrin",
     "available_cores",
     "dlight",
     "from_exported_program",

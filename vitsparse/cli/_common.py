@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from vitsparse._io import write_text_atomic
+from vitsparse._precision import DEFAULT_PRECISION, PRECISIONS
 from vitsparse.errors import ArtifactError, ModelError, TargetError
 
 EXIT_USAGE = 2
@@ -41,6 +42,25 @@ def target_args(p: argparse.ArgumentParser) -> None:
         help="preset (`vitsparse targets` lists them) or a TVM target dict as JSON (default x86)",
     )
     p.add_argument("--cuda-arch", metavar="sm_XX", help="CUDA arch for --target cuda")
+
+
+def precision_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=DEFAULT_PRECISION,
+        help="numeric precision of the linear layers (default fp32); int8 quantizes the "
+        "blocks' linear layers, calibrated on --calib",
+    )
+    p.add_argument(
+        "--calib",
+        metavar="SRC",
+        help="int8 calibration images: ImageFolder directory, 'digits-train', 'digits' or "
+        "'synthetic' (required for int8)",
+    )
+    p.add_argument(
+        "--calib-size", type=positive_int, default=64, metavar="N", help="images (default 64)"
+    )
 
 
 def timing_args(p: argparse.ArgumentParser) -> None:

@@ -10,6 +10,7 @@ from vitsparse.cli._common import (
     model_args,
     model_source,
     output_file,
+    precision_args,
     rpc_args,
     rpc_device,
     say,
@@ -26,6 +27,7 @@ def add_parser(commands) -> None:
     model_args(p)
     target_args(p)
     timing_args(p)
+    precision_args(p)
     db_arg(p)
     p.add_argument(
         "--runtimes",
@@ -73,6 +75,9 @@ def run(args: argparse.Namespace) -> None:
         plan=args.plan,
         energy_seconds=args.energy_seconds,
         rpc=rpc_device(args),
+        precision=args.precision,
+        calib=args.calib,
+        calib_size=args.calib_size,
         progress=say,
     )
     print(report.table())

@@ -11,6 +11,7 @@ from vitsparse.cli._common import (
     db_arg,
     model_args,
     model_source,
+    precision_args,
     say,
     target_args,
 )
@@ -20,6 +21,7 @@ def add_parser(commands) -> None:
     p = commands.add_parser("compile", help="compile a model into a deployable artifact")
     model_args(p)
     target_args(p)
+    precision_args(p)
     db_arg(p)
     p.add_argument("--dump-ir", metavar="DIR", help="write the module after each phase here")
     p.add_argument("--plan", metavar="PLAN.json", help="compile the model pruned by this plan")
@@ -45,6 +47,9 @@ def run(args: argparse.Namespace) -> None:
         db=args.db,
         plan=args.plan,
         dump_dir=args.dump_ir,
+        precision=args.precision,
+        calib=args.calib,
+        calib_size=args.calib_size,
     )
     compiled.export(outdir)
     graph = compiled.imported.graph
@@ -59,6 +64,7 @@ def run(args: argparse.Namespace) -> None:
     print(f"target    {compiled.spec.name} -> {compiled.spec.key}")
     print(f"          {json.dumps(compiled.spec.to_json()['target'])}")
     print(f"tuned     {tuned}")
+    print(f"precision {_precision_line(compiled)}")
     if compiled.plan is not None:
         plan = compiled.plan
         print(f"plan      {args.plan} ({plan.method}, mean density {plan.mean_density:.3f})")
@@ -66,3 +72,15 @@ def run(args: argparse.Namespace) -> None:
     print(f"artifact  {outdir} ({files})")
     if not compiled.spec.runs_locally:
         print("note      this machine cannot run the artifact; copy it to the device")
+
+
+def _precision_line(compiled) -> str:
+    if compiled.quantization is None:
+        return compiled.precision
+    calibration = compiled.quantization.calibration
+    layers = len(compiled.quantization.scales)
+    return (
+        f"int8: {layers} linear layers (int32 sums; LayerNorm, softmax, GELU, attention, patch "
+        f"embedding and head in fp32), calibrated on {calibration.get('images')} images of "
+        f"{calibration.get('source')} ({calibration.get('rule')} rule)"
+    )

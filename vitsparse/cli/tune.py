@@ -9,6 +9,7 @@ from vitsparse.cli._common import (
     model_args,
     model_source,
     positive_int,
+    precision_args,
     rpc_args,
     rpc_device,
     say,
@@ -21,6 +22,7 @@ def add_parser(commands) -> None:
     model_args(p)
     target_args(p)
     db_arg(p, required=True)
+    precision_args(p)
     p.add_argument("--trials", type=positive_int, metavar="N", help="total trial budget")
     p.add_argument(
         "--plan", metavar="PLAN.json", help="tune the model pruned by this plan (BSR kernels too)"
@@ -44,6 +46,9 @@ def run(args: argparse.Namespace) -> None:
         cuda_arch=args.cuda_arch,
         plan=args.plan,
         rpc=rpc_device(args),
+        precision=args.precision,
+        calib=args.calib,
+        calib_size=args.calib_size,
         progress=say,
     )
     print(report.summary())

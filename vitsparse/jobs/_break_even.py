@@ -4,6 +4,8 @@ For one linear-layer shape and block size, times the dense kernel and the BSR ke
 densities (random masks) side by side and interpolates the density where they cost the same.
 BlockSparsify keeps a layer dense above it. Measured only where the target runs on this machine
 (a CPU target); elsewhere every masked layer gets the BSR kernel. Results are cached per process.
+An int8 compile measures its own kernels, int8 dense against int8 BSR, down to lower densities
+(the int8 BSR kernel gains less from skipping blocks than the float one).
 """
 
 from __future__ import annotations
@@ -13,32 +15,50 @@ import functools
 from vitsparse.devices import Timing, measure
 from vitsparse.passes.block_sparsify import BreakEven
 from vitsparse.passes.pipeline import compile_module
-from vitsparse.schedules.cases import bsr_case, check_kernel, dense_case
-from vitsparse.targets import TargetSpec
+from vitsparse.schedules.cases import (
+    bsr_case,
+    check_kernel,
+    dense_case,
+    int8_bsr_case,
+    int8_dense_case,
+)
+from vitsparse.targets import TargetSpec, int8_lanes
 
 DENSITIES = (0.95, 0.85, 0.7, 0.5)
+INT8_DENSITIES = (0.7, 0.5, 0.35, 0.2, 0.1)
 TIMING = Timing(repeat=5, number=10, warmup=0)
 
 
-def break_even_for(spec: TargetSpec) -> BreakEven | None:
-    """The measured break-even of ``spec``, or None where it cannot be measured here."""
+def break_even_for(spec: TargetSpec, precision: str = "fp32") -> BreakEven | None:
+    """The measured break-even of ``spec`` in ``precision``, or None where it cannot be
+    measured here."""
     if spec.runs_locally and spec.schedule_family == "cpu":
-        return functools.partial(measured_break_even, spec)
+        return functools.partial(measured_break_even, spec, precision=precision)
     return None
 
 
-def measured_break_even(spec: TargetSpec, m: int, k: int, n: int, block: tuple[int, int]) -> float:
+def measured_break_even(
+    spec: TargetSpec, m: int, k: int, n: int, block: tuple[int, int], *, precision: str = "fp32"
+) -> float:
     """Density at or below which BSR is at least as fast as dense for this layer (0..1)."""
-    return _measure(spec, m, k, n, tuple(block))
+    return _measure(spec, m, k, n, tuple(block), precision)
 
 
 @functools.lru_cache(maxsize=256)
-def _measure(spec: TargetSpec, m: int, k: int, n: int, block: tuple[int, int]) -> float:
-    dense = dense_case(m, k, n, spec.target)
+def _measure(
+    spec: TargetSpec, m: int, k: int, n: int, block: tuple[int, int], precision: str
+) -> float:
+    lanes = int8_lanes(spec) if precision == "int8" else 0
+    if lanes and (block[0] % 8 or block[1] % 2 or k % 2):
+        return 0.0  # no int8 BSR kernel for this block: the layer stays dense
+    dense = int8_dense_case(m, k, n, lanes) if lanes else dense_case(m, k, n, spec.target)
     dense_lib = compile_module(dense.mod, spec.target)
     points = []  # (density, bsr_ms / dense_ms), measured side by side
-    for density in DENSITIES:
-        case = bsr_case(m, k, n, block, density, spec.target)
+    for density in INT8_DENSITIES if lanes else DENSITIES:
+        if lanes:
+            case = int8_bsr_case(m, k, n, block, density, lanes)
+        else:
+            case = bsr_case(m, k, n, block, density, spec.target)
         what = f"{m}x{k}x{n} block {block[0]}x{block[1]} density {case.density:.2f}"
         bsr_ms = _median_ms(compile_module(case.mod, spec.target), case, spec, f"bsr {what}")
         dense_ms = _median_ms(dense_lib, dense, spec, f"dense {m}x{k}x{n}")

@@ -2,7 +2,8 @@
 directory it exports to (`load_artifact`):
 
 - ``model.so``: the compiled model, its weights inside it as constants (the only copy);
-- ``manifest.json``: input shape and dtype, target, plan summary, versions;
+- ``manifest.json``: input shape and dtype, target, precision (and the int8 calibration), plan
+  summary, versions;
 - ``run.py``: a loader that needs nothing but TVM's runtime and numpy (`artifact_run`; see
   docs/deploy.md).
 
@@ -28,6 +29,7 @@ from vitsparse.errors import ArtifactError, TargetError
 from vitsparse.frontend import ImportedModel
 from vitsparse.jobs.artifact_run import PoolGovernor
 from vitsparse.plan import PruningPlan
+from vitsparse.plan.quantize import Quantization
 from vitsparse.targets import TargetSpec, export_library
 
 ARTIFACT_FORMAT = "vitsparse-artifact/1"
@@ -65,12 +67,14 @@ class CompiledModel:
         tuned: int,
         plan: PruningPlan | None = None,
         sparsity: list | None = None,
+        quantization: Quantization | None = None,
     ):
         self.executable = executable
         self.spec = spec
         self.imported = imported
         self.tuned_kernels = tuned
         self.plan = plan
+        self.quantization = quantization  # int8 activation scales, None in fp32
         self.sparsity_decisions = sparsity or []  # per masked layer: density, break-even, kernel
         self._vm = None
         self._governor = None  # made with the VM (`_get_vm`)
@@ -78,6 +82,10 @@ class CompiledModel:
     @property
     def input_shape(self) -> tuple[int, ...]:
         return self.imported.input_shape
+
+    @property
+    def precision(self) -> str:
+        return "fp32" if self.quantization is None else "int8"
 
     def _device(self):
         if not self.spec.runs_locally:
@@ -193,6 +201,8 @@ class CompiledModel:
             "weights_seed": weights_seed_of(self.imported.torch_model),
             "runner": ARTIFACT_RUNNER,
             "tuned_kernels": self.tuned_kernels,
+            "precision": self.precision,
+            "quantization": None if self.quantization is None else self.quantization.to_json(),
             "plan": self._plan_summary(),
             "graph": self.imported.graph.to_json(),
             "versions": collect_module_versions(("tvm", "torch", "timm")),

@@ -41,15 +41,12 @@ from vitsparse.jobs.bench_report import (
 )
 from vitsparse.jobs.bench_runtimes import (
     RUNNERS,
-    Contender,
-    Progress,
-    Session,
     masked_onnx_output,
     pruned_torch_model,
     reference,
-    time_alternating,
     torch_output,
 )
+from vitsparse.jobs.bench_session import Contender, Progress, Session, time_alternating
 from vitsparse.plan import PruningPlan, load_plan
 from vitsparse.pruning.onnx_masks import validate_onnx_plan
 from vitsparse.targets import host_info
@@ -76,6 +73,9 @@ def bench(
     plan: PruningPlan | str | Path | None = None,
     energy_seconds: float = 3.0,
     rpc=None,
+    precision: str = "fp32",
+    calib: str | Path | None = None,
+    calib_size: int = 64,
     progress: Progress | None = print,
 ) -> BenchReport:
     """Time ``source`` under each runtime in ``include`` and check their outputs.
@@ -106,6 +106,10 @@ def bench(
         CPU, NVML for a CUDA GPU), that row also gets ``energy_j`` per inference and ``watts``,
         from a window of repeated runs at least this long; 0 skips it. Without a meter they stay
         None and the report says why.
+    precision, calib, calib_size
+        The TVM rows' precision (`vitsparse.targets.precision`); int8 calibrates on
+        ``calib_size`` images of ``calib``, and its rows' errors are measured against the
+        PyTorch model of the same int8 computation (`vitsparse.plan.quantize`).
     rpc
         A `vitsparse.devices.RpcDevice`: the TVM rows are built here and measured on a
         device of its key through the tracker (uploaded, then ``time_evaluator``); PyTorch and
@@ -142,6 +146,9 @@ def bench(
         cuda_arch=cuda_arch,
         db=db if tvm_rows else None,
         rpc=rpc if tvm_rows else None,
+        precision=precision,
+        calib=calib,
+        calib_size=calib_size,
     )
     inputs = dataclasses.replace(inputs, plan=load_plan(plan), rpc=rpc)
     say(f"[bench] importing {source_label(source)} (batch {batch}) ...")
@@ -191,6 +198,7 @@ def bench(
         host=host_info(),
         rows=rows,
         meters=session.meter_notes(),
+        precision=precision,
     )
 
 

@@ -15,8 +15,15 @@ TVM_DENSE = "tvm-dense"
 TORCH_PRUNED = "torch-pruned"
 TVM_PRUNED = "tvm-pruned"
 PRUNED_RUNTIMES = (TORCH_PRUNED, TVM_PRUNED)  # errors measured against torch-pruned's output
-# Every runtime a bench can run, in the order of its rows (`bench_runtimes.RUNNERS`).
-RUNTIMES = (TORCH_EAGER, ONNXRUNTIME, TVM_DENSE, TORCH_PRUNED, TVM_PRUNED)
+# Peers of the TVM build on this machine's CPU, on the same ONNX file as onnxruntime (only when
+# asked for): OpenVINO in float32, OpenVINO at its default precision (named in the row), and
+# ONNX Runtime's static int8 quantization.
+OPENVINO = "openvino"
+OPENVINO_DEFAULT = "openvino-default"
+ONNXRUNTIME_INT8 = "onnxruntime-int8"
+PEER_RUNTIMES = (OPENVINO, OPENVINO_DEFAULT, ONNXRUNTIME_INT8)
+# Every runtime a bench can run (the order of `bench_runtimes.RUNNERS`).
+RUNTIMES = (TORCH_EAGER, ONNXRUNTIME, TVM_DENSE, TORCH_PRUNED, TVM_PRUNED, *PEER_RUNTIMES)
 # Speedups of the pruned TVM model, beyond every dense TVM row vs every dense baseline.
 _PRUNED_SPEEDUPS = ((TVM_PRUNED, TVM_DENSE), (TVM_PRUNED, TORCH_EAGER))
 STATUS_OK = "ok"
@@ -101,6 +108,7 @@ class BenchReport:
     rows: tuple[BenchRow, ...]
     weights: str = "random"
     meters: Mapping[str, str] = field(default_factory=dict)  # device -> meter, or why none
+    precision: str = "fp32"  # of the TVM rows
 
     def row(self, runtime: str) -> BenchRow:
         """The row of ``runtime`` (KeyError if it was not included)."""
@@ -141,6 +149,7 @@ class BenchReport:
             "host": dict(self.host),
             "rows": [r.to_json() for r in self.rows],
             "meters": dict(self.meters),
+            "precision": self.precision,
             "speedup": self.speedup,
         }
 
@@ -162,6 +171,7 @@ class BenchReport:
             rows=tuple(BenchRow.from_json(r) for r in data["rows"]),
             weights=data.get("weights", "random"),
             meters=dict(data.get("meters", {})),
+            precision=data.get("precision", "fp32"),
         )
 
     def title(self) -> str:
@@ -169,7 +179,7 @@ class BenchReport:
         return (
             f"{self.model} ({self.weights} weights), batch {self.batch}, input {shape}, "
             f"{self.threads} threads, target {self.target.get('name')} "
-            f"({self.target.get('key')})"
+            f"({self.target.get('key')}), tvm rows in {self.precision}"
         )
 
     def table(self) -> str:
@@ -243,6 +253,12 @@ class BenchReport:
             f"{pair.split(' vs ')[0]} median)"
             for pair, ratio in self.speedup.items()
         ]
+        if self.precision != "fp32":
+            notes.append(
+                f"the tvm rows compute in {self.precision}: their errors are measured against "
+                f"the PyTorch model of the same {self.precision} computation (same scales), the "
+                "other rows' against the fp32 reference"
+            )
         if self.reference != TORCH_EAGER:
             notes.append(
                 f"errors are measured against {self.reference}'s output (ONNX input: no "

@@ -3,9 +3,9 @@ from the target's database, hand-written rules for the rest), ``tvm.compile`` it
 
     compile_model(source, target=..., plan=..., db=...) -> CompiledModel (run, time, export)
 
-The target, database and plan are resolved once, before the import; `prepare` is where an
-imported model meets its plan (checked against the PyTorch model, or an ONNX file's weights)
-and becomes a pipeline.
+The target, precision, database and plan are resolved once, before the import; `prepare` is
+where an imported model meets its plan (checked against the PyTorch model, or an ONNX file's
+weights) and, for int8, its calibration (`quantization_for`), and becomes a pipeline.
 """
 
 from __future__ import annotations
@@ -14,14 +14,18 @@ from pathlib import Path
 
 import numpy as np
 
+from vitsparse.data.sources import load_images
+from vitsparse.errors import ModelError
 from vitsparse.frontend import RANDOM_WEIGHTS_SEED, ImportedModel, import_model
 from vitsparse.jobs._break_even import break_even_for
 from vitsparse.jobs._inputs import Inputs, resolve_inputs
 from vitsparse.jobs.artifact import CompiledModel
 from vitsparse.passes import pipeline
-from vitsparse.plan import PruningPlan, validate_plan
+from vitsparse.plan import PruningPlan, apply_plan_to_torch, validate_plan
+from vitsparse.plan.quantize import Quantization
+from vitsparse.pruning.calibrate import calibrate
 from vitsparse.pruning.onnx_masks import validate_onnx_plan
-from vitsparse.targets import TargetSpec
+from vitsparse.targets import TargetSpec, int8_lanes
 
 
 def compile_model(
@@ -36,6 +40,9 @@ def compile_model(
     db: str | Path | None = None,
     plan: PruningPlan | str | Path | None = None,
     dump_dir: str | Path | None = None,
+    precision: str = "fp32",
+    calib: str | Path | None = None,
+    calib_size: int = 64,
 ) -> CompiledModel:
     """Import ``source`` (timm name, nn.Module or .onnx path) and compile it for ``target``.
 
@@ -43,12 +50,22 @@ def compile_model(
     used where they exist, the hand-written schedules everywhere else. ``plan`` (a PruningPlan or
     its JSON file) compiles the pruned model: block-masked layers become BSR kernels where their
     density is below the measured break-even, masked dense kernels elsewhere. ``dump_dir``
-    receives the module after every phase of the pipeline.
+    receives the module after every phase of the pipeline. ``precision`` ``"int8"`` quantizes
+    the blocks' linear layers (`vitsparse.plan.quantize`), their activation scales calibrated
+    on ``calib_size`` images of ``calib`` (`vitsparse.data.sources`), after the plan.
     """
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
-    # Bad targets, databases and plan files fail before the (slow) import.
-    inputs = resolve_inputs(target=target, cuda_arch=cuda_arch, db=db, plan=plan)
+    # Bad targets, precisions, databases and plan files fail before the (slow) import.
+    inputs = resolve_inputs(
+        target=target,
+        cuda_arch=cuda_arch,
+        db=db,
+        plan=plan,
+        precision=precision,
+        calib=calib,
+        calib_size=calib_size,
+    )
     imported = import_model(
         source, batch=batch, checkpoint=checkpoint, pretrained=pretrained, seed=weights_seed
     )
@@ -63,9 +80,20 @@ def compile_imported(
     db: str | Path | None = None,
     plan: PruningPlan | str | Path | None = None,
     dump_dir: str | Path | None = None,
+    precision: str = "fp32",
+    calib: str | Path | None = None,
+    calib_size: int = 64,
 ) -> CompiledModel:
     """Compile an already-imported model (see compile_model)."""
-    inputs = resolve_inputs(target=target, cuda_arch=cuda_arch, db=db, plan=plan)
+    inputs = resolve_inputs(
+        target=target,
+        cuda_arch=cuda_arch,
+        db=db,
+        plan=plan,
+        precision=precision,
+        calib=calib,
+        calib_size=calib_size,
+    )
     return compile_resolved(imported, inputs, dump_dir=dump_dir)
 
 
@@ -73,13 +101,39 @@ def compile_resolved(
     imported: ImportedModel, inputs: Inputs, *, dump_dir: str | Path | None = None
 ) -> CompiledModel:
     """Compile ``imported`` with inputs a job resolved already (`resolve_inputs`)."""
+    quantization = quantization_for(imported, inputs)
     mod, config, params = prepare(
-        imported, inputs.spec, inputs.plan, database=inputs.database, dump_dir=dump_dir
+        imported,
+        inputs.spec,
+        inputs.plan,
+        database=inputs.database,
+        dump_dir=dump_dir,
+        quantization=quantization,
     )
     optimized = pipeline.optimize(mod, config, params)
     executable = pipeline.compile_module(optimized, inputs.spec.target)
     tuned = pipeline.count_tuned(optimized)
-    return CompiledModel(executable, inputs.spec, imported, tuned, inputs.plan, config.decisions)
+    return CompiledModel(
+        executable, inputs.spec, imported, tuned, inputs.plan, config.decisions, quantization
+    )
+
+
+def quantization_for(imported: ImportedModel, inputs: Inputs) -> Quantization | None:
+    """int8's activation scales for ``imported`` pruned by the inputs' plan (None in fp32),
+    calibrated on the inputs' images."""
+    if inputs.precision != "int8":
+        return None
+    if imported.torch_model is None:
+        raise ModelError(
+            f"int8 needs the PyTorch model (its calibration and reference); {imported.model_id} "
+            "is an ONNX import, which compiles in fp32"
+        )
+    model = imported.torch_model
+    if inputs.plan is not None:
+        model = apply_plan_to_torch(model, inputs.plan)
+    size = imported.input_shape[-1]
+    images = load_images(inputs.calib, image_size=size, limit=inputs.calib_size).images
+    return calibrate(model, images, describe={"source": str(inputs.calib)})
 
 
 def prepare(
@@ -89,10 +143,13 @@ def prepare(
     *,
     database=None,
     dump_dir: str | Path | None = None,
+    quantization: Quantization | None = None,
 ) -> tuple[object, pipeline.PipelineConfig, dict[str, np.ndarray]]:
     """The module, pipeline config and weights that compile (or tune) ``imported`` for ``spec``,
-    pruned by ``plan`` when given (checked against the PyTorch model first). The config's
-    ``decisions`` fill with BlockSparsify's per-layer choices while the pipeline runs."""
+    pruned by ``plan`` when given (checked against the PyTorch model first), in int8 with
+    ``quantization``. The config's ``decisions`` fill with BlockSparsify's per-layer choices
+    while the pipeline runs."""
+    precision = "fp32" if quantization is None else "int8"
     if plan is not None:
         if imported.torch_model is not None:
             validate_plan(plan, imported.torch_model)
@@ -103,8 +160,10 @@ def prepare(
         schedule_family=spec.schedule_family,
         database=database,
         plan=plan,
-        graph=imported.graph if plan is not None else None,
-        break_even=break_even_for(spec) if plan is not None else None,
+        graph=imported.graph if plan is not None or quantization is not None else None,
+        break_even=break_even_for(spec, precision) if plan is not None else None,
         dump_dir=Path(dump_dir) if dump_dir is not None else None,
+        quantization=quantization,
+        int8_lanes=int8_lanes(spec) if quantization is not None else 0,
     )
     return imported.mod, config, imported.params

@@ -27,7 +27,7 @@ from vitsparse.devices.threads import configure_threads
 from vitsparse.errors import TargetError
 from vitsparse.frontend import RANDOM_WEIGHTS_SEED, import_model
 from vitsparse.jobs._inputs import resolve_inputs, source_label
-from vitsparse.jobs.compile import prepare
+from vitsparse.jobs.compile import prepare, quantization_for
 from vitsparse.passes import pipeline
 from vitsparse.schedules import tuning
 from vitsparse.schedules.database import open_target_database, target_dir
@@ -96,6 +96,9 @@ def tune(
     cuda_arch: str | None = None,
     plan=None,
     rpc: RpcDevice | None = None,
+    precision: str = "fp32",
+    calib: str | Path | None = None,
+    calib_size: int = 64,
     progress: Callable[[str], None] | None = print,
 ) -> TuneReport:
     """Tune every kernel of ``source`` compiled for ``target`` into the database under ``db``.
@@ -111,10 +114,20 @@ def tune(
     are committed as they are measured, so an interrupted job resumes when re-run. A device that
     disappears mid-job stops it within seconds: TargetError names the device and where the
     records measured before it went are kept.
+
+    ``precision`` int8 tunes the int8 model's kernels (calibrated on ``calib``, as compile
+    does) into the precision's own database directory (its target key ends in ``-int8``).
     """
     say = progress or (lambda _msg: None)
     # The target, the database, the plan and the device fail before the (slow) import.
-    inputs = resolve_inputs(target=target, cuda_arch=cuda_arch, plan=plan)
+    inputs = resolve_inputs(
+        target=target,
+        cuda_arch=cuda_arch,
+        plan=plan,
+        precision=precision,
+        calib=calib,
+        calib_size=calib_size,
+    )
     check_measurable(inputs.spec, rpc, "tuning")
     spec = inputs.spec
     if rpc is not None:
@@ -128,7 +141,8 @@ def tune(
     imported = import_model(
         source, batch=batch, checkpoint=checkpoint, pretrained=pretrained, seed=weights_seed
     )
-    mod, config, params = prepare(imported, spec, inputs.plan)
+    quantization = quantization_for(imported, inputs)
+    mod, config, params = prepare(imported, spec, inputs.plan, quantization=quantization)
     mod = pipeline.optimize(mod, config, params, stop_before="schedule")
     kernels = []
     for kernel in tuning.extract_kernels(mod):

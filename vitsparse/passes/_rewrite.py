@@ -87,3 +87,23 @@ class FuseGeluEpilogue(relax.PyExprMutator):
             self.added[key] = self.builder_.add_func(make_func(), name)
         fused = relax.call_tir(self.added[key], expr.args[1], expr.ty_args[0])
         return relax.op.reshape(self.builder_.emit(fused), struct_shape(call))
+
+
+def fake_quant_input(mutator: relax.PyExprMutator, expr):
+    """``(q, s_x)`` when ``expr`` is AnnotateQuantization's fake-quantized form of an input,
+    ``multiply(q, s_x)`` with ``q = clip(round(multiply(x, 1 / s_x)), -127, 127)`` (float32
+    integers), else None."""
+    product = op_call(bound_value(mutator, expr), "relax.multiply")
+    if product is None:
+        return None
+    q, scale = product.args
+    clipped = op_call(bound_value(mutator, q), "relax.clip")
+    if clipped is None:
+        return None
+    rounded = op_call(bound_value(mutator, clipped.args[0]), "relax.round")
+    scale_value = const_array(bound_value(mutator, scale))
+    if rounded is None or scale_value is None or scale_value.ndim != 0:
+        return None
+    if op_call(bound_value(mutator, rounded.args[0]), "relax.multiply") is None:
+        return None
+    return q, float(scale_value)

@@ -10,6 +10,11 @@ above its break-even is left as it is: FoldConstant folds the mask into the weig
 makes it a dense kernel, so it stays correct either way. ``break_even(m, k, n, block)`` is given
 by the caller, from measurements on the target (``jobs._break_even``). A GELU after the layer
 becomes the kernel's epilogue. The kernels are tiled for the current target (``with target:``).
+
+A layer whose input AnnotateQuantization fake-quantized becomes the int8 BSR kernel of
+``schedules.int8`` where ``int8_lanes`` is set: its masked weight quantized per output channel
+(`plan.quantize.quantize_weight`, the same values as the dense int8 path), its input's integers
+cast to int16. Its break-even is the same (fp32-measured) density.
 """
 
 from __future__ import annotations
@@ -24,21 +29,26 @@ from vitsparse.passes._rewrite import (
     FuseGeluEpilogue,
     bound_value,
     const_array,
+    fake_quant_input,
     op_call,
     rewrite_relax_functions,
 )
-from vitsparse.schedules import bsr
+from vitsparse.plan.quantize import dequant_scales, quantize_weight
+from vitsparse.schedules import bsr, int8
+
+OPAQUE = 8  # relay's kOpaque op pattern: FuseOps fuses nothing into or after it
 
 BreakEven = Callable[[int, int, int, tuple[int, int]], float]
 
 
 @relax.expr_functor.mutator
 class _BlockSparsifyMutator(relax.PyExprMutator):
-    def __init__(self, mod, break_even: BreakEven, decisions: list, kernels: dict):
+    def __init__(self, mod, break_even: BreakEven, decisions: list, kernels: dict, lanes: int):
         super().__init__(mod)
         self.break_even = break_even
         self.decisions = decisions
-        self.kernels = kernels  # GlobalVar -> BSRShape of the kernels added
+        self.kernels = kernels  # GlobalVar -> BSRShape of the (float) kernels added
+        self.int8_lanes = lanes
 
     def _call(self, expr, name):
         return op_call(bound_value(self, expr), name)
@@ -94,6 +104,10 @@ class _BlockSparsifyMutator(relax.PyExprMutator):
             decision["kernel"] = "dense"
             return None
         decision["kernel"] = "bsr"
+        quantized = fake_quant_input(self, x) if self.int8_lanes else None
+        if quantized is not None:
+            decision["precision"] = "int8"
+            return self._lower_int8(x_shape, rows, bias, weight, kept, block, *quantized)
         packed = bsr.to_bsr(weight, kept, block)
         shape = bsr.BSRShape.of(rows, packed)
         gvar = self.builder_.add_func(bsr.bsr_primfunc(shape), f"bsr_{block[0]}x{block[1]}")
@@ -108,6 +122,34 @@ class _BlockSparsifyMutator(relax.PyExprMutator):
             return out
         return relax.op.reshape(self.builder_.emit(out), (*x_shape[:-1], n))
 
+    def _lower_int8(self, x_shape, rows, bias, weight, kept, block, q_input, activation_scale):
+        emit = self.builder_.emit
+        n, k = weight.shape
+        block_rows, cols = block
+        element_kept = np.kron(kept, np.ones(block, dtype=bool))
+        q, w_scale = quantize_weight(np.where(element_kept, weight, 0))
+        packed = int8.pack_bsr(q, kept, block)
+        lanes = min(self.int8_lanes, block_rows)
+        tile = int8.choose_bsr_row_tile(block_rows, lanes, rows)
+        shape = int8.Int8BSRShape(rows, k, n, block, packed.data.shape[0], tile, lanes)
+        func = int8.bsr_primfunc(shape).with_attr("op_pattern", OPAQUE)
+        gvar = self.builder_.add_func(func, f"int8_bsr_{block_rows}x{cols}")
+        xq = emit(relax.op.astype(q_input, "int16"))
+        if len(x_shape) != 2:
+            xq = emit(relax.op.reshape(xq, (rows, k)))
+        if shape.padded_m != rows:  # whole row tiles: the kernel's loads need no clamp
+            xq = emit(relax.op.nn.pad(xq, [0, shape.padded_m - rows, 0, 0]))
+        consts = (packed.data, packed.indices, packed.indptr)
+        scales = (dequant_scales(activation_scale, w_scale), bias.astype(np.float32))
+        out = relax.call_tir(
+            gvar,
+            [xq, *(relax.const(a) for a in consts + scales)],
+            relax.TensorType((rows, n), "float32"),
+        )
+        if len(x_shape) == 2:
+            return out
+        return relax.op.reshape(emit(out), (*x_shape[:-1], n))
+
 
 @tvm.transform.module_pass(opt_level=0, name="vitsparse.BlockSparsify")
 class BlockSparsify:
@@ -117,14 +159,20 @@ class BlockSparsify:
     chosen kernel, so callers can report what happened.
     """
 
-    def __init__(self, break_even: BreakEven, decisions: list | None = None):
+    def __init__(
+        self, break_even: BreakEven, decisions: list | None = None, *, int8_lanes: int = 0
+    ):
         self.break_even = break_even
         self.decisions = decisions if decisions is not None else []
+        self.int8_lanes = int8_lanes
 
     def transform_module(self, mod, _ctx):
         kernels: dict = {}
         mod = rewrite_relax_functions(
-            mod, lambda m: _BlockSparsifyMutator(m, self.break_even, self.decisions, kernels)
+            mod,
+            lambda m: _BlockSparsifyMutator(
+                m, self.break_even, self.decisions, kernels, self.int8_lanes
+            ),
         )
 
         def gelu_variant(gvar):

@@ -14,10 +14,18 @@ pruned width such as 42 or 170, or a 10-class head) gets its weight and bias pad
 rows to the next multiple and its output sliced back (the slice fuses into what follows): TVM's
 generic matmul, the alternative, runs such layers several times slower. A layer with a single
 input feature (an MLP pruned to one neuron) has no reduction loop to schedule and stays as it is.
+
+A layer whose input AnnotateQuantization fake-quantized becomes the int8 kernel of
+``schedules.int8`` instead (with ``int8_lanes``, the target's `vpmaddwd` width): the weight is
+quantized per output channel at compile time (`plan.quantize.quantize_weight`), the input's
+integers are cast to int16 (padded to an even width), and the kernel dequantizes its int32 sums
+with ``S = s_x * s_w``. It is opaque to FuseOps (its producers, the quantization, fuse with
+whatever precedes them instead).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,12 +35,18 @@ from vitsparse.passes._rewrite import (
     FuseGeluEpilogue,
     bound_value,
     const_array,
+    fake_quant_input,
     op_call,
     rewrite_relax_functions,
 )
-from vitsparse.schedules import dense
+from vitsparse.plan.quantize import dequant_scales, quantize_weight
+from vitsparse.schedules import dense, int8
 
 OPAQUE = 8  # relay's kOpaque op pattern: FuseOps fuses nothing into or after it
+
+
+def _opaque(func):
+    return func.with_attr("op_pattern", OPAQUE)
 
 
 @dataclass
@@ -45,9 +59,10 @@ class _Linear:
 
 @relax.expr_functor.mutator
 class _LowerLinearMutator(relax.PyExprMutator):
-    def __init__(self, mod):
+    def __init__(self, mod, int8_lanes: int = 0):
         super().__init__(mod)
-        self.kernels: dict[dense.DenseShape, tvm.ir.GlobalVar] = {}
+        self.kernels: dict = {}
+        self.int8_lanes = int8_lanes
 
     # -- matching -----------------------------------------------------------------------------
     def _binding(self, expr):
@@ -91,13 +106,13 @@ class _LowerLinearMutator(relax.PyExprMutator):
 
     # -- rewriting ----------------------------------------------------------------------------
     def _kernel(self, shape: dense.DenseShape, padded: bool = False):
-        if (shape, padded) not in self.kernels:
+        if ("fp32", shape, padded) not in self.kernels:
             func = dense.dense_primfunc(shape)
             if padded:  # FuseTIR cannot fuse the slice back into the kernel: keep it apart
-                func = func.with_attr("op_pattern", OPAQUE)
+                func = _opaque(func)
             name = f"dense_{shape.epilogue}{'_padded' if padded else ''}"
-            self.kernels[(shape, padded)] = self.builder_.add_func(func, name)
-        return self.kernels[(shape, padded)]
+            self.kernels[("fp32", shape, padded)] = self.builder_.add_func(func, name)
+        return self.kernels[("fp32", shape, padded)]
 
     def _emit_linear(self, lin: _Linear, epilogue: str):
         n, k = lin.weight.shape
@@ -122,6 +137,37 @@ class _LowerLinearMutator(relax.PyExprMutator):
             return out
         return relax.op.reshape(self.builder_.emit(out), lin.out_shape)
 
+    def _emit_int8(self, lin: _Linear, q_input, activation_scale: float):
+        emit = self.builder_.emit
+        n, k = lin.weight.shape
+        lanes = self.int8_lanes
+        q, w_scale = quantize_weight(lin.weight)
+        scale, bias = dequant_scales(activation_scale, w_scale), lin.bias.astype(np.float32)
+        n_pad, k_pad = -(-n // lanes) * lanes, k + k % 2
+        q = np.pad(q, ((0, n_pad - n), (0, k_pad - k)))
+        scale, bias = np.pad(scale, (0, n_pad - n)), np.pad(bias, (0, n_pad - n))
+        rows = int(np.prod(lin.out_shape[:-1]))
+        xq = emit(relax.op.astype(q_input, "int16"))
+        if len(struct_shape(xq)) != 2:
+            xq = emit(relax.op.reshape(xq, (rows, k)))
+        if k_pad != k:
+            xq = emit(relax.op.nn.pad(xq, [0, 0, 0, 1]))
+        shape = int8.Int8DenseShape(rows, k_pad, n_pad, "none", dense.choose_row_tile(rows), lanes)
+        key = ("int8", shape, n_pad != n)
+        if key not in self.kernels:
+            func = int8.dense_primfunc(shape).with_attr("op_pattern", OPAQUE)
+            self.kernels[key] = self.builder_.add_func(func, "int8_dense")
+        out = relax.call_tir(
+            self.kernels[key],
+            [xq, relax.const(int8.pack_dense(q, lanes)), relax.const(scale), relax.const(bias)],
+            relax.TensorType((rows, n_pad), "float32"),
+        )
+        if n_pad != n:
+            out = relax.op.strided_slice(emit(out), axes=[1], begin=[0], end=[n])
+        if len(lin.out_shape) == 2:
+            return out
+        return relax.op.reshape(emit(out), lin.out_shape)
+
     def visit_call_(self, call):
         call = super().visit_call_(call)
         lin = self._match_linear(call)
@@ -129,30 +175,40 @@ class _LowerLinearMutator(relax.PyExprMutator):
         # schedule: the generic path.
         if lin is None or lin.weight.shape[1] < 2:
             return call
+        quantized = fake_quant_input(self, lin.x) if self.int8_lanes else None
+        if quantized is not None:
+            return self._emit_int8(lin, *quantized)
         return self._emit_linear(lin, "none")
 
 
 @tvm.transform.module_pass(opt_level=0, name="vitsparse.LowerLinear")
 class LowerLinear:
-    """Rewrite constant-weight linear layers (+ optional GELU) into packed dense kernels."""
+    """Rewrite constant-weight linear layers (+ optional GELU) into packed dense kernels; int8
+    kernels for fake-quantized inputs where ``int8_lanes`` is set."""
+
+    def __init__(self, int8_lanes: int = 0):
+        self.int8_lanes = int8_lanes
 
     def transform_module(self, mod, _ctx):
         kernels: dict = {}
 
         def first(m):
-            mutator = _LowerLinearMutator(m)
+            mutator = _LowerLinearMutator(m, self.int8_lanes)
             mutator.kernels = kernels
             return mutator
 
         mod = rewrite_relax_functions(mod, first)
-        by_gvar = {gv: shape for (shape, padded), gv in kernels.items() if not padded}
+        by_gvar = {gv: key for key, gv in kernels.items() if not key[-1]}
 
         def gelu_variant(gvar):
-            shape = by_gvar.get(gvar)
-            if shape is None or shape.epilogue != "none":
+            key = by_gvar.get(gvar)
+            if key is None or key[-2].epilogue != "none":
                 return None
-            fused = dense.DenseShape(shape.m, shape.k, shape.n, "gelu", shape.row_tile)
-            return fused, lambda: dense.dense_primfunc(fused), "dense_gelu"
+            shape = dataclasses.replace(key[-2], epilogue="gelu")
+            if key[0] == "int8":
+                make = lambda: _opaque(int8.dense_primfunc(shape))  # noqa: E731
+                return ("int8", shape), make, "int8_dense_gelu"
+            return shape, lambda: dense.dense_primfunc(shape), "dense_gelu"
 
         mod = rewrite_relax_functions(mod, lambda m: FuseGeluEpilogue(m, gelu_variant))
         return relax.transform.DeadCodeElimination()(mod)

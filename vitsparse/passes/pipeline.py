@@ -3,12 +3,14 @@
 
     structure  the plan's structure: embedding channels, heads, MLP neurons, tokens (narrower
                weight parameters, shapes that follow, static top-k)
-    annotate   the plan's block masks written into the IR (AnnotatePruning)
+    annotate   the plan's block masks written into the IR (AnnotatePruning); for int8, the
+               quantized layers' inputs fake-quantized (AnnotateQuantization)
     bind       weights become constants (sliced as the structure recorded), so weight
                transposes, masks and packing fold at compile time
     sparsify   annotated layers below their break-even density -> BSR kernels; masks left dense
                fold into their weights
-    lower      linear layers -> packed dense kernels (+ fused GELU) on CPU targets
+    lower      linear layers -> packed dense kernels (+ fused GELU) on CPU targets; int8
+               kernels where the input is fake-quantized
     legalize   remaining Relax ops -> TensorIR, with fast-math GELU
     fuse       constant folding, operator fusion, FuseTIR
     schedule   tuned records from the database, hand-written rules for whatever they miss
@@ -29,6 +31,7 @@ import numpy as np
 from vitsparse._tvm import IRModule, dlight, relax, tir, topi, tvm
 from vitsparse.frontend import ViTGraph
 from vitsparse.passes.annotate_pruning import AnnotatePruning
+from vitsparse.passes.annotate_quantization import AnnotateQuantization
 from vitsparse.passes.bind_weights import BindWeights, bind_params
 from vitsparse.passes.block_sparsify import BlockSparsify, BreakEven
 from vitsparse.passes.lower_linear import LowerLinear
@@ -38,7 +41,8 @@ from vitsparse.passes.prune_heads import PruneHeads, check_supported
 from vitsparse.passes.prune_mlp import PruneMLP
 from vitsparse.passes.prune_tokens import PruneTokens
 from vitsparse.plan import PruningPlan
-from vitsparse.schedules import cpu_rules, gpu_rules
+from vitsparse.plan.quantize import Quantization
+from vitsparse.schedules import cpu_rules, gpu_rules, int8
 
 PHASES = (
     "structure",
@@ -74,7 +78,9 @@ class PipelineConfig:
     annotation and sparsify phases; ``break_even(m, k, n, block)`` is the density at or below
     which a masked layer becomes a BSR kernel (None: every masked layer does), and every
     masked layer's decision is appended to ``decisions``. ``database`` is a MetaSchedule
-    database whose records the schedule phase applies first.
+    database whose records the schedule phase applies first. ``quantization`` (with the
+    ``graph``, and ``int8_lanes`` the target's int8 kernel width) compiles the quantized layers
+    in int8.
     """
 
     target: tvm.target.Target
@@ -86,10 +92,18 @@ class PipelineConfig:
     break_even: BreakEven | None = None
     decisions: list = field(default_factory=list)
     dump_dir: Path | None = None
+    quantization: Quantization | None = None
+    int8_lanes: int = 0
 
     def __post_init__(self):
         if self.plan is not None and self.graph is None:
             raise ValueError("a pipeline with a plan needs the model's ViTGraph (graph=)")
+        if self.quantization is not None and (self.graph is None or not self.int8_lanes):
+            raise ValueError("an int8 pipeline needs the model's ViTGraph and int8_lanes")
+
+    @property
+    def precision(self) -> str:
+        return "fp32" if self.quantization is None else "int8"
 
 
 def _legalize_gelu_fast(bb, call):
@@ -117,7 +131,7 @@ def _sparsify(config: PipelineConfig) -> list:
     out = []
     if config.plan is not None:
         break_even = config.break_even or (lambda m, k, n, block: 1.0)
-        out.append(BlockSparsify(break_even, config.decisions))
+        out.append(BlockSparsify(break_even, config.decisions, int8_lanes=config.int8_lanes))
     # Folds what the rewrites left of pruning annotations (masked weights kept dense).
     return out + [relax.transform.FoldConstant()]
 
@@ -125,7 +139,18 @@ def _sparsify(config: PipelineConfig) -> list:
 def _lower(config: PipelineConfig) -> list:
     if not (config.lower_linear and config.schedule_family == "cpu"):
         return []
-    return [PatchEmbedToDense(), LowerLinear(), relax.transform.RemoveRedundantReshape()]
+    return [
+        PatchEmbedToDense(),
+        LowerLinear(config.int8_lanes),
+        relax.transform.RemoveRedundantReshape(),
+    ]
+
+
+def _annotate(config: PipelineConfig) -> list:
+    out = [] if config.plan is None else [AnnotatePruning(config.plan, config.graph)]
+    if config.quantization is not None:
+        out.append(AnnotateQuantization(config.quantization, config.graph))
+    return out
 
 
 def _legalize(_config: PipelineConfig) -> list:
@@ -149,6 +174,8 @@ def _fuse(_config: PipelineConfig) -> list:
 
 def _schedule(config: PipelineConfig) -> list:
     passes = []
+    if config.int8_lanes:
+        int8.register_intrinsics()  # tuned records replay tensorize with them
     if config.database is not None:
         passes.append(_ApplyDatabase(config.database, config.target))
     rules = cpu_rules if config.schedule_family == "cpu" else gpu_rules
@@ -162,7 +189,7 @@ def phases(
     module's weights are bound already, or stay parameters)."""
     makers: dict[str, Callable[[PipelineConfig], list]] = {
         "structure": _structure,
-        "annotate": lambda c: [] if c.plan is None else [AnnotatePruning(c.plan, c.graph)],
+        "annotate": _annotate,
         "bind": lambda c: [] if params is None else [BindWeights(params)],
         "sparsify": _sparsify,
         "lower": _lower,

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from vitsparse._tvm import IRModule, Schedule
-from vitsparse.schedules import bsr, dense
+from vitsparse.schedules import bsr, dense, int8
 
 
 @dataclass(frozen=True)
@@ -43,15 +43,38 @@ def bsr_case(
     """The BSR kernel for an (n, k) weight keeping ``round(density * blocks)`` of its blocks (at
     least one), drawn at random."""
     x, w, b, y = _operands(m, k, n, seed)
-    grid = (n // block[0], k // block[1])
-    kept = np.zeros(grid[0] * grid[1], dtype=bool)
-    order = np.random.default_rng([seed, 1]).permutation(kept.size)
-    kept[order[: max(1, round(density * kept.size))]] = True
-    packed = bsr.to_bsr(w, kept.reshape(grid), tuple(block))
+    packed = bsr.to_bsr(w, _random_blocks(n, k, block, density, seed), tuple(block))
     shape = bsr.BSRShape.of(m, packed, target=target)
     mod = IRModule({"main": bsr.scheduled_cpu(shape, target)})
     args = [x, packed.data, packed.indices, packed.indptr, b, y]
     return KernelCase(mod, args, x @ packed.to_dense().T + b, packed.density)
+
+
+def int8_dense_case(m: int, k: int, n: int, lanes: int, *, seed: int = 0) -> KernelCase:
+    """The int8 dense kernel (``lanes`` wide) for an (m, k) int8 input and an (n, k) weight."""
+    x, q, scale, b, y = _int8_operands(m, k, n, seed)
+    shape = int8.Int8DenseShape(m, k, n, "none", dense.choose_row_tile(m), lanes)
+    mod = IRModule({"main": int8.scheduled_dense(shape)})
+    args = [x, int8.pack_dense(q, lanes), scale, b, y]
+    return KernelCase(mod, args, _int8_expected(x, q, scale, b), 1.0)
+
+
+def int8_bsr_case(
+    m: int, k: int, n: int, block: tuple[int, int], density: float, lanes: int, *, seed: int = 0
+) -> KernelCase:
+    """The int8 BSR kernel for an (n, k) int8 weight keeping ``round(density * blocks)`` of its
+    blocks (at least one), drawn as `bsr_case` draws them."""
+    x, q, scale, b, y = _int8_operands(m, k, n, seed)
+    kept = _random_blocks(n, k, block, density, seed)
+    packed = int8.pack_bsr(q, kept, tuple(block))
+    lanes = min(lanes, block[0])
+    tile = int8.choose_bsr_row_tile(block[0], lanes, m)
+    shape = int8.Int8BSRShape(m, k, n, tuple(block), packed.data.shape[0], tile, lanes)
+    mod = IRModule({"main": int8.bsr_primfunc(shape).with_attr("global_symbol", "main")})
+    x_padded = np.pad(x, ((0, shape.padded_m - m), (0, 0)))
+    args = [x_padded, packed.data, packed.indices, packed.indptr, scale, b, y]
+    masked = q * np.kron(kept, np.ones(block, dtype=np.int8))
+    return KernelCase(mod, args, _int8_expected(x, masked, scale, b), float(kept.mean()))
 
 
 def check_kernel(case: KernelCase, output: np.ndarray, what: str, rtol: float = 1e-4) -> None:
@@ -72,3 +95,24 @@ def _operands(m: int, k: int, n: int, seed: int):
     w = rng.standard_normal((n, k), dtype=np.float32)
     b = rng.standard_normal(n, dtype=np.float32)
     return x, w, b, np.zeros((m, n), np.float32)
+
+
+def _random_blocks(n: int, k: int, block, density: float, seed: int) -> np.ndarray:
+    grid = (n // block[0], k // block[1])
+    kept = np.zeros(grid[0] * grid[1], dtype=bool)
+    order = np.random.default_rng([seed, 1]).permutation(kept.size)
+    kept[order[: max(1, round(density * kept.size))]] = True
+    return kept.reshape(grid)
+
+
+def _int8_operands(m: int, k: int, n: int, seed: int):
+    rng = np.random.default_rng(seed)
+    x = rng.integers(-127, 128, (m, k)).astype(np.int16)
+    q = rng.integers(-127, 128, (n, k)).astype(np.int8)
+    scale = (rng.random(n) * 1e-4).astype(np.float32)
+    b = rng.standard_normal(n, dtype=np.float32)
+    return x, q, scale, b, np.zeros((m, n), np.float32)
+
+
+def _int8_expected(x, q, scale, b) -> np.ndarray:
+    return (x.astype(np.int64) @ q.T.astype(np.int64)).astype(np.float32) * scale + b

@@ -125,27 +125,9 @@ def schedule_dense_cpu(sch: Schedule, knobs: DenseKnobs | None = None) -> None:
     """
     func = sch.mod["main"]
     row_tile = int(func.attrs["vitsparse.row_tile"])
-    out = sch.get_sblock("epilogue")
-    acc = sch.get_sblock("dense")
-    for block in sch.get_child_blocks(sch.get_sblock("root")):
-        if not (sch.get(block).same_as(sch.get(out)) or sch.get(block).same_as(sch.get(acc))):
-            sch.compute_inline(block)
     n_vec = int(func.params[3].shape[1]) // PANEL
     k_dim = int(func.params[0].shape[1])
-
-    i, j = sch.get_loops(out)
-    i_o, i_i = sch.split(i, [None, row_tile])
-    j_panel, j_lane = sch.split(j, [None, PANEL])
-    col_dec = None if knobs is None else [n_vec // knobs.col_vectors, knobs.col_vectors]
-    j_o, j_v = sch.split(
-        j_panel, sch.sample_perfect_tile(j_panel, n=2, max_innermost_factor=8, decision=col_dec)
-    )
-    sch.reorder(i_o, j_o, i_i, j_v, j_lane)
-    tile = sch.fuse(i_o, j_o)
-    sch.parallel(tile)
-    sch.vectorize(j_lane)
-
-    sch.compute_at(acc, tile)
+    acc = tile_output(sch, row_tile, PANEL, n_vec, None if knobs is None else knobs.col_vectors)
     a_i, a_j, a_k = sch.get_loops(acc)[-3:]
     a_jv, a_lane = sch.split(a_j, [None, PANEL])
     k_dec = None if knobs is None else [k_dim // knobs.k_unroll, knobs.k_unroll]
@@ -158,6 +140,31 @@ def schedule_dense_cpu(sch: Schedule, knobs: DenseKnobs | None = None) -> None:
     sch.unroll(a_i)
     sch.unroll(k_i)
     sch.decompose_reduction(acc, k_o)
+
+
+def tile_output(sch: Schedule, row_tile: int, lanes: int, n_vec: int, col_vectors: int | None):
+    """The part of the dense template a packed linear kernel shares (fp32 and int8): everything
+    but the ``epilogue`` and ``dense`` blocks inlined, the output in parallel tiles of
+    ``row_tile x col_vectors * lanes`` (``col_vectors`` None: sampled), the accumulation computed
+    at each tile. Returns the accumulation block, its (i, j, k) loops left to the caller."""
+    out = sch.get_sblock("epilogue")
+    acc = sch.get_sblock("dense")
+    for block in sch.get_child_blocks(sch.get_sblock("root")):
+        if not (sch.get(block).same_as(sch.get(out)) or sch.get(block).same_as(sch.get(acc))):
+            sch.compute_inline(block)
+    i, j = sch.get_loops(out)
+    i_o, i_i = sch.split(i, [None, row_tile])
+    j_panel, j_lane = sch.split(j, [None, lanes])
+    col_dec = None if col_vectors is None else [n_vec // col_vectors, col_vectors]
+    j_o, j_v = sch.split(
+        j_panel, sch.sample_perfect_tile(j_panel, n=2, max_innermost_factor=8, decision=col_dec)
+    )
+    sch.reorder(i_o, j_o, i_i, j_v, j_lane)
+    tile = sch.fuse(i_o, j_o)
+    sch.parallel(tile)
+    sch.vectorize(j_lane)
+    sch.compute_at(acc, tile)
+    return acc
 
 
 def is_dense_kernel(func) -> bool:

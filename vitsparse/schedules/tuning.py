@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from vitsparse._tvm import IRModule, ms, relax, structural_hash, tir, tvm
-from vitsparse.schedules import bsr, cpu_rules, dense
+from vitsparse.schedules import bsr, cpu_rules, dense, int8
 
 TRIALS_PER_ROUND = 8
 
@@ -39,6 +39,10 @@ class Kernel:
     @property
     def is_bsr(self) -> bool:
         return bsr.is_bsr_kernel(self.func)
+
+    @property
+    def is_int8_dense(self) -> bool:
+        return int8.is_dense_kernel(self.func)
 
     @property
     def takes_indices(self) -> bool:
@@ -85,9 +89,10 @@ def _space(kernel: Kernel, target):
             postprocs=[],
             mutator_probs={ms.mutator.MutateTileSize(): 1.0},
         )
-    if kernel.is_dense:
+    if kernel.is_dense or kernel.is_int8_dense:
+        template = dense.schedule_dense_cpu if kernel.is_dense else int8.schedule_dense_cpu
         return ms.space_generator.ScheduleFn(
-            lambda sch: dense.schedule_dense_cpu(sch, None),
+            lambda sch: template(sch, None),
             sch_rules=[],
             postprocs=[],
             mutator_probs={ms.mutator.MutateTileSize(): 1.0},

@@ -7,6 +7,7 @@ from vitsparse._lazy import lazy_api
 _EXPORT = "vitsparse.targets.export"
 _HOST = "vitsparse.targets.host"
 _PRESETS = "vitsparse.targets.presets"
+_PRECISION = "vitsparse.targets.precision"
 _API = {
     "check_toolchain": _EXPORT,
     "compile_cuda_source": _EXPORT,
@@ -22,6 +23,11 @@ _API = {
     "list_presets": _PRESETS,
     "resolve_target": _PRESETS,
     "with_cores": _PRESETS,
+    "DEFAULT_PRECISION": _PRECISION,
+    "PRECISIONS": _PRECISION,
+    "check_precision": _PRECISION,
+    "int8_lanes": _PRECISION,
+    "with_precision": _PRECISION,
 }
 __all__ = sorted(_API)
 __getattr__, __dir__ = lazy_api(__name__, _API)

@@ -1,0 +1,91 @@
+"""Which numeric precisions a target compiles, and the refusal for those it cannot.
+
+    fp32  every target
+    int8  x86 CPUs with AVX2 (int8 values in int16 pairs through `vpmaddwd`, 8 lanes; 16 with
+          AVX-512BW). ARM (sdot) and CUDA (dp4a) int8 kernels are not built yet: refused.
+    bf16  needs avx512_bf16 (vdpbf16ps) on x86; fp16 needs ARMv8.2 FP16 or CUDA. Neither has
+          kernels yet: refused, naming what the target lacks where it lacks it.
+
+`check_precision` is the one place that decides; jobs call it before any import, so a bad pair
+fails fast with a TargetError that names the precision, the target and the reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from vitsparse._precision import DEFAULT_PRECISION, PRECISIONS
+from vitsparse._tvm import tvm
+from vitsparse.errors import TargetError
+from vitsparse.targets.presets import TargetSpec
+
+__all__ = ["DEFAULT_PRECISION", "PRECISIONS", "check_precision", "int8_lanes", "with_precision"]
+
+
+def _has(target, feature: str) -> bool:
+    return target.kind.name == "llvm" and bool(
+        tvm.target.codegen.target_has_features(feature, target)
+    )
+
+
+def _cpu(target) -> str:
+    for attr in ("mcpu", "mtriple"):
+        value = target.attrs.get(attr)
+        if value:
+            return str(value)
+    return target.kind.name
+
+
+def _is_x86(target) -> bool:
+    triple = str(target.attrs.get("mtriple", "") or "")
+    return target.kind.name == "llvm" and (not triple or triple.startswith(("x86", "i686")))
+
+
+def int8_lanes(spec: TargetSpec) -> int:
+    """int32 lanes of the int8 kernels on ``spec`` (16 with AVX-512BW, 8 with AVX2), else 0."""
+    target = spec.target
+    if not _is_x86(target):
+        return 0
+    if _has(target, "avx512bw"):
+        return 16
+    return 8 if _has(target, "avx2") else 0
+
+
+def check_precision(spec: TargetSpec, precision: str) -> str:
+    """``precision`` if ``spec`` compiles it, else a TargetError saying why not."""
+    if precision not in PRECISIONS:
+        raise TargetError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    target = spec.target
+    where = f"target {spec.name} ({_cpu(target)})"
+    if precision == "fp32":
+        return precision
+    if precision == "int8":
+        if int8_lanes(spec):
+            return precision
+        if _is_x86(target):
+            raise TargetError(f"int8 needs AVX2 on x86 and {where} lacks it")
+        raise TargetError(
+            f"int8 kernels exist for x86 CPUs with AVX2 only; {where} is not one "
+            "(ARM sdot and CUDA dp4a kernels are not built yet)"
+        )
+    if precision == "bf16":
+        if _is_x86(target) and not _has(target, "avx512bf16"):
+            raise TargetError(
+                f"bf16 needs avx512_bf16 (vdpbf16ps) and {where} lacks it; "
+                "use int8 or fp32 on this target"
+            )
+        raise TargetError(f"bf16 kernels are not built yet for {where}; use int8 or fp32")
+    if _is_x86(target):
+        raise TargetError(
+            f"fp16 arithmetic needs ARMv8.2 FP16 or a CUDA GPU; {where} is an x86 CPU "
+            "(use int8 or fp32 there)"
+        )
+    raise TargetError(f"fp16 kernels are not built yet for {where}; use fp32")
+
+
+def with_precision(spec: TargetSpec, precision: str) -> TargetSpec:
+    """``spec`` for kernels of ``precision``: its key (and so its tuning database directory)
+    gets the precision appended, except fp32's, which keeps the key databases already use."""
+    if precision == DEFAULT_PRECISION:
+        return spec
+    return dataclasses.replace(spec, key=f"{spec.key}-{precision}")
