@@ -1,14 +1,16 @@
 """Reduced precision, side by side: vitsparse in every precision this host compiles (fp32,
-int8; bf16 and fp16 are listed with the reason the target refuses them), dense, with a 50%
-block plan and with a heads+MLP plan, against PyTorch, ONNX Runtime (fp32 and its own static
-int8) and OpenVINO (fp32 and its default precision on this CPU), at batch 1 and 8.
+int8, and bf16 where the CPU has avx512_bf16; the others are listed with the reason the target
+refuses them), dense, with a 50% block plan and with a heads+MLP plan, against PyTorch, ONNX
+Runtime (fp32 and its own static int8) and OpenVINO (fp32 and its default precision on this
+CPU), at batch 1 and 8.
 
 For each (model, batch) every runtime is prepared first (one compile per precision and plan),
 then all are timed in the same alternating rounds (`vitsparse.jobs.bench_runtimes`): one sample
 of each per round, a pause between runtimes. Each vitsparse row is checked against the PyTorch
-model of the same computation (the plan applied; int8: the same scales, fake-quantized); the
-peers against fp32 PyTorch. The page states the issue's goals and whether each is met, and the
-most expensive kernels of the int8 dense model where one is missed.
+model of the same computation (the plan applied; int8: the same scales, fake-quantized; bf16:
+inputs and weights rounded to bf16); the peers against fp32 PyTorch. The page states the
+issue's goals and whether each is met, and each precision's most expensive kernels (deit_tiny,
+dense, batch 1).
 
 Accuracy: the digits ViT's top-1 on its test split and deit_tiny's agreement with fp32 PyTorch
 (seeded random weights, synthetic images), per precision and plan, from the compiled models.
@@ -39,7 +41,7 @@ from vitsparse.jobs.bench_runtimes import RUNNERS, pruned_torch_model, torch_out
 from vitsparse.jobs.bench_session import Contender, Session, time_alternating
 from vitsparse.jobs.compile import compile_model
 from vitsparse.plan import apply_plan_to_torch
-from vitsparse.plan.quantize import fake_quant_model
+from vitsparse.plan.quantize import reference_model
 from vitsparse.pruning.block_mask import block_mask_plan
 from vitsparse.pruning.compose import compose_plan
 from vitsparse.pruning.fractions import structure_plan
@@ -174,8 +176,7 @@ def _deit_fidelity(precisions, images: int) -> list[dict]:
                 name, plan=plan, precision=precision, calib=CALIB, calib_size=CALIB_SIZE
             )
             base = model if plan is None else apply_plan_to_torch(model, plan)
-            if compiled.quantization is not None:
-                base = fake_quant_model(base, compiled.quantization)
+            base = reference_model(base, precision, compiled.quantization)
             logits = np.concatenate([compiled.run(x[None].numpy()) for x in xs])
             with torch.no_grad():
                 reference = base(xs).numpy()
@@ -248,9 +249,11 @@ def render(suite: dict) -> str:
         "- int8: the blocks' qkv/proj/fc1/fc2 in int8 (per-channel weights, per-tensor "
         f"activations calibrated by max on {CALIB_SIZE} {CALIB} images), int32 sums; LayerNorm, "
         "softmax, GELU, attention matmuls, patch embedding and head in fp32",
+        "- bf16: the same layers with inputs and weights rounded to bf16 (`vdpbf16ps`), fp32 "
+        "sums; the rest in fp32 as for int8",
         "- each vitsparse row's error is against the PyTorch model of the same computation "
-        "(plan applied; int8 fake-quantized with the same scales), the peers' against fp32 "
-        "PyTorch; latencies are medians of alternating rounds, ms",
+        "(plan applied; int8 fake-quantized with the same scales; bf16 rounded), the peers' "
+        "against fp32 PyTorch; latencies are medians of alternating rounds, ms",
         *_common.reproduce_block(suite["command"]),
         "## Goals (batch 1; ratio = the slower row's median / the faster row's)",
         "",
@@ -283,8 +286,8 @@ def render(suite: dict) -> str:
             "## Fidelity: deit_tiny (seeded random weights), compiled, on "
             f"{suite['fidelity_images']} synthetic images",
             "",
-            "Agreement: top-1 equal to fp32 dense PyTorch's. On random weights int8 rounding "
-            "ties flip and cascade through 48 quantized layers, so the int8 error against its "
+            "Agreement: top-1 equal to fp32 dense PyTorch's. On random weights int8 and bf16 "
+            "rounding ties flip and cascade through 48 reduced layers, so the error against its "
             "own reference is about that of a 1e-6 input change (tests/test_precision.py).",
             "",
             "| precision | plan | agreement | mean abs err vs its reference |",

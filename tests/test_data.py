@@ -16,7 +16,7 @@ from vitsparse.pruning.evaluate import evaluate
 
 @pytest.fixture(scope="module")
 def digits_model():
-    # Trained once per machine (about a minute on 2 cores), then read from the cache.
+    # Trained once per machine (about two minutes, on one thread), then read from the cache.
     model, model_id = load_torch_model(digits.DIGITS_MODEL)
     return model, model_id
 

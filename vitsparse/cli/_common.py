@@ -49,8 +49,9 @@ def precision_args(p: argparse.ArgumentParser) -> None:
         "--precision",
         choices=PRECISIONS,
         default=DEFAULT_PRECISION,
-        help="numeric precision of the linear layers (default fp32); int8 quantizes the "
-        "blocks' linear layers, calibrated on --calib",
+        help="numeric precision of the blocks' linear layers (default fp32): bf16 (x86 with "
+        "avx512_bf16) or int8 (x86 with AVX2, calibrated on --calib); refused, with the reason, "
+        "where the target lacks it",
     )
     p.add_argument(
         "--calib",

@@ -75,6 +75,11 @@ def run(args: argparse.Namespace) -> None:
 
 
 def _precision_line(compiled) -> str:
+    if compiled.precision == "bf16":
+        return (
+            f"bf16: {len(compiled.reduced_layers)} linear layers (bf16 inputs and weights, fp32 "
+            "sums; LayerNorm, softmax, GELU, attention, patch embedding and head in fp32)"
+        )
     if compiled.quantization is None:
         return compiled.precision
     calibration = compiled.quantization.calibration

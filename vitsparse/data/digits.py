@@ -32,6 +32,8 @@ RECIPE = {
     "weight_decay": 0.05,
     "seed": 0,
     "test_fraction": 0.2,
+    # the initial weights come from the seed too (before, from whatever the caller's RNG held)
+    "seeded_init": True,
 }
 
 
@@ -82,11 +84,14 @@ def _key() -> str:
 def digits_vit(*, progress=None) -> torch.nn.Module:
     """The trained digits ViT (eval mode), from the cache or trained now and cached."""
     path = cache_dir() / f"digits_vit-{_key()}.pt"
-    model = _architecture()
     if path.exists():
+        model = _architecture()
         model.load_state_dict(torch.load(path, weights_only=True))
         return model.eval()
-    _train(model, progress or (lambda _msg: None))
+    with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
+        torch.manual_seed(RECIPE["seed"])
+        model = _architecture()
+        _train(model, progress or (lambda _msg: None))
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
     write_bytes_atomic(path, buffer.getvalue())  # a concurrent reader sees none or all of it
@@ -94,6 +99,17 @@ def digits_vit(*, progress=None) -> torch.nn.Module:
 
 
 def _train(model: torch.nn.Module, say) -> None:
+    # On one thread, so that the result cannot depend on how PyTorch splits its reductions
+    # between threads (the seed fixes everything else).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _train_steps(model, say)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_steps(model: torch.nn.Module, say) -> None:
     torch.manual_seed(RECIPE["seed"])
     images, labels = digits_split("train")
     optimizer = torch.optim.AdamW(

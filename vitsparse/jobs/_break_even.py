@@ -4,8 +4,9 @@ For one linear-layer shape and block size, times the dense kernel and the BSR ke
 densities (random masks) side by side and interpolates the density where they cost the same.
 BlockSparsify keeps a layer dense above it. Measured only where the target runs on this machine
 (a CPU target); elsewhere every masked layer gets the BSR kernel. Results are cached per process.
-An int8 compile measures its own kernels, int8 dense against int8 BSR, down to lower densities
-(the int8 BSR kernel gains less from skipping blocks than the float one).
+An int8 or bf16 compile measures its own kernels (`schedules.paired`: its dense against its BSR)
+down to lower densities (the paired BSR kernels gain less from skipping blocks than the fp32
+one).
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ from vitsparse.schedules.cases import (
     bsr_case,
     check_kernel,
     dense_case,
-    int8_bsr_case,
-    int8_dense_case,
+    paired_bsr_case,
+    paired_dense_case,
 )
-from vitsparse.targets import TargetSpec, int8_lanes
+from vitsparse.schedules.paired import bsr_lanes
+from vitsparse.targets import TargetSpec, paired_lanes
 
 DENSITIES = (0.95, 0.85, 0.7, 0.5)
-INT8_DENSITIES = (0.7, 0.5, 0.35, 0.2, 0.1)
+PAIRED_DENSITIES = (0.7, 0.5, 0.35, 0.2, 0.1)
 TIMING = Timing(repeat=5, number=10, warmup=0)
 
 
@@ -48,15 +50,18 @@ def measured_break_even(
 def _measure(
     spec: TargetSpec, m: int, k: int, n: int, block: tuple[int, int], precision: str
 ) -> float:
-    lanes = int8_lanes(spec) if precision == "int8" else 0
-    if lanes and (block[0] % 8 or block[1] % 2 or k % 2):
-        return 0.0  # no int8 BSR kernel for this block: the layer stays dense
-    dense = int8_dense_case(m, k, n, lanes) if lanes else dense_case(m, k, n, spec.target)
+    lanes = paired_lanes(spec, precision)
+    if lanes and not bsr_lanes(precision, lanes, block, k):
+        return 0.0  # no paired BSR kernel for this block: the layer stays dense
+    if lanes:
+        dense = paired_dense_case(m, k, n, lanes, precision)
+    else:
+        dense = dense_case(m, k, n, spec.target)
     dense_lib = compile_module(dense.mod, spec.target)
     points = []  # (density, bsr_ms / dense_ms), measured side by side
-    for density in INT8_DENSITIES if lanes else DENSITIES:
+    for density in PAIRED_DENSITIES if lanes else DENSITIES:
         if lanes:
-            case = int8_bsr_case(m, k, n, block, density, lanes)
+            case = paired_bsr_case(m, k, n, block, density, lanes, precision)
         else:
             case = bsr_case(m, k, n, block, density, spec.target)
         what = f"{m}x{k}x{n} block {block[0]}x{block[1]} density {case.density:.2f}"

@@ -68,13 +68,22 @@ class CompiledModel:
         plan: PruningPlan | None = None,
         sparsity: list | None = None,
         quantization: Quantization | None = None,
+        *,
+        precision: str | None = None,
+        reduced_layers: tuple[str, ...] = (),
     ):
         self.executable = executable
         self.spec = spec
         self.imported = imported
         self.tuned_kernels = tuned
         self.plan = plan
-        self.quantization = quantization  # int8 activation scales, None in fp32
+        self.quantization = quantization  # int8 activation scales, None in fp32 and bf16
+        if precision is None:
+            precision = "fp32" if quantization is None else "int8"
+        self.precision = precision  # the reduced layers' arithmetic (`vitsparse.plan.quantize`)
+        if not reduced_layers and quantization is not None:
+            reduced_layers = tuple(quantization.scales)
+        self.reduced_layers = tuple(reduced_layers)  # PyTorch names of the layers in precision
         self.sparsity_decisions = sparsity or []  # per masked layer: density, break-even, kernel
         self._vm = None
         self._governor = None  # made with the VM (`_get_vm`)
@@ -82,10 +91,6 @@ class CompiledModel:
     @property
     def input_shape(self) -> tuple[int, ...]:
         return self.imported.input_shape
-
-    @property
-    def precision(self) -> str:
-        return "fp32" if self.quantization is None else "int8"
 
     def _device(self):
         if not self.spec.runs_locally:
@@ -203,6 +208,7 @@ class CompiledModel:
             "tuned_kernels": self.tuned_kernels,
             "precision": self.precision,
             "quantization": None if self.quantization is None else self.quantization.to_json(),
+            "reduced_layers": list(self.reduced_layers),
             "plan": self._plan_summary(),
             "graph": self.imported.graph.to_json(),
             "versions": collect_module_versions(("tvm", "torch", "timm")),

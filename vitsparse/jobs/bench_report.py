@@ -256,7 +256,7 @@ class BenchReport:
         if self.precision != "fp32":
             notes.append(
                 f"the tvm rows compute in {self.precision}: their errors are measured against "
-                f"the PyTorch model of the same {self.precision} computation (same scales), the "
+                f"the PyTorch model of the same {self.precision} computation, the "
                 "other rows' against the fp32 reference"
             )
         if self.reference != TORCH_EAGER:

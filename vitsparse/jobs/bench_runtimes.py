@@ -48,7 +48,7 @@ from vitsparse.jobs.bench_session import (
 )
 from vitsparse.jobs.compile import compile_resolved
 from vitsparse.plan import apply_plan_to_torch
-from vitsparse.plan.quantize import fake_quant_model
+from vitsparse.plan.quantize import quantized_layers, reference_model
 from vitsparse.pruning import onnx_masks
 
 
@@ -199,12 +199,13 @@ def _run_tvm(session: Session, runtime: str, plan=None) -> BenchRow | Contender:
             f"; {sparsity_summary(compiled)}; error vs {TORCH_PRUNED} (the same pruned weights)"
         )
     reference = None
-    if compiled.quantization is not None:
+    if compiled.precision != "fp32":
         base = session.pruned_model if plan is not None else session.imported.torch_model
-        reference = torch_output(session, fake_quant_model(base, compiled.quantization))
+        model = reference_model(base, compiled.precision, compiled.quantization)
+        reference = torch_output(session, model)
         detail += (
-            f"; int8 ({len(compiled.quantization.scales)} layers), error vs the PyTorch int8 "
-            "model of the same scales"
+            f"; {compiled.precision} ({len(quantized_layers(base))} layers), error vs the "
+            f"PyTorch {compiled.precision} model of the same computation"
         )
     device = session.rpc
     if device is None and not spec.runs_locally:

@@ -22,7 +22,7 @@ from vitsparse.jobs._inputs import Inputs, resolve_inputs
 from vitsparse.jobs.artifact import CompiledModel
 from vitsparse.passes import pipeline
 from vitsparse.plan import PruningPlan, apply_plan_to_torch, validate_plan
-from vitsparse.plan.quantize import Quantization
+from vitsparse.plan.quantize import Quantization, quantized_layers
 from vitsparse.pruning.calibrate import calibrate
 from vitsparse.pruning.onnx_masks import validate_onnx_plan
 from vitsparse.targets import TargetSpec, int8_lanes
@@ -52,7 +52,8 @@ def compile_model(
     density is below the measured break-even, masked dense kernels elsewhere. ``dump_dir``
     receives the module after every phase of the pipeline. ``precision`` ``"int8"`` quantizes
     the blocks' linear layers (`vitsparse.plan.quantize`), their activation scales calibrated
-    on ``calib_size`` images of ``calib`` (`vitsparse.data.sources`), after the plan.
+    on ``calib_size`` images of ``calib`` (`vitsparse.data.sources`), after the plan;
+    ``"bf16"`` computes the same layers in bf16.
     """
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
@@ -109,12 +110,21 @@ def compile_resolved(
         database=inputs.database,
         dump_dir=dump_dir,
         quantization=quantization,
+        precision=inputs.precision,
     )
     optimized = pipeline.optimize(mod, config, params)
     executable = pipeline.compile_module(optimized, inputs.spec.target)
     tuned = pipeline.count_tuned(optimized)
     return CompiledModel(
-        executable, inputs.spec, imported, tuned, inputs.plan, config.decisions, quantization
+        executable,
+        inputs.spec,
+        imported,
+        tuned,
+        inputs.plan,
+        config.decisions,
+        quantization,
+        precision=config.precision,
+        reduced_layers=config.bf16_layers,
     )
 
 
@@ -123,17 +133,21 @@ def quantization_for(imported: ImportedModel, inputs: Inputs) -> Quantization | 
     calibrated on the inputs' images."""
     if inputs.precision != "int8":
         return None
-    if imported.torch_model is None:
-        raise ModelError(
-            f"int8 needs the PyTorch model (its calibration and reference); {imported.model_id} "
-            "is an ONNX import, which compiles in fp32"
-        )
-    model = imported.torch_model
-    if inputs.plan is not None:
-        model = apply_plan_to_torch(model, inputs.plan)
+    model = _reduced_model(imported, inputs.precision, inputs.plan)
     size = imported.input_shape[-1]
     images = load_images(inputs.calib, image_size=size, limit=inputs.calib_size).images
     return calibrate(model, images, describe={"source": str(inputs.calib)})
+
+
+def _reduced_model(imported: ImportedModel, precision: str, plan: PruningPlan | None):
+    """The PyTorch model a reduced precision is computed from (the plan applied)."""
+    if imported.torch_model is None:
+        raise ModelError(
+            f"{precision} needs the PyTorch model (its layers and reference); {imported.model_id} "
+            "is an ONNX import, which compiles in fp32"
+        )
+    model = imported.torch_model
+    return model if plan is None else apply_plan_to_torch(model, plan)
 
 
 def prepare(
@@ -144,12 +158,17 @@ def prepare(
     database=None,
     dump_dir: str | Path | None = None,
     quantization: Quantization | None = None,
+    precision: str | None = None,
 ) -> tuple[object, pipeline.PipelineConfig, dict[str, np.ndarray]]:
     """The module, pipeline config and weights that compile (or tune) ``imported`` for ``spec``,
-    pruned by ``plan`` when given (checked against the PyTorch model first), in int8 with
-    ``quantization``. The config's ``decisions`` fill with BlockSparsify's per-layer choices
-    while the pipeline runs."""
-    precision = "fp32" if quantization is None else "int8"
+    pruned by ``plan`` when given (checked against the PyTorch model first), in ``precision``
+    (None: int8 with ``quantization``, else fp32). The config's ``decisions`` fill with
+    BlockSparsify's per-layer choices while the pipeline runs."""
+    if precision is None:
+        precision = "fp32" if quantization is None else "int8"
+    bf16_layers: tuple[str, ...] = ()
+    if precision == "bf16":
+        bf16_layers = tuple(quantized_layers(_reduced_model(imported, precision, plan)))
     if plan is not None:
         if imported.torch_model is not None:
             validate_plan(plan, imported.torch_model)
@@ -160,10 +179,12 @@ def prepare(
         schedule_family=spec.schedule_family,
         database=database,
         plan=plan,
-        graph=imported.graph if plan is not None or quantization is not None else None,
+        graph=imported.graph if plan is not None or precision != "fp32" else None,
         break_even=break_even_for(spec, precision) if plan is not None else None,
         dump_dir=Path(dump_dir) if dump_dir is not None else None,
         quantization=quantization,
         int8_lanes=int8_lanes(spec) if quantization is not None else 0,
+        precision=precision,
+        bf16_layers=bf16_layers,
     )
     return imported.mod, config, imported.params

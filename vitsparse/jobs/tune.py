@@ -115,8 +115,9 @@ def tune(
     disappears mid-job stops it within seconds: TargetError names the device and where the
     records measured before it went are kept.
 
-    ``precision`` int8 tunes the int8 model's kernels (calibrated on ``calib``, as compile
-    does) into the precision's own database directory (its target key ends in ``-int8``).
+    ``precision`` int8 or bf16 tunes that model's kernels (int8 calibrated on ``calib``, as
+    compile does) into the precision's own database directory (its target key ends in
+    ``-int8`` or ``-bf16``).
     """
     say = progress or (lambda _msg: None)
     # The target, the database, the plan and the device fail before the (slow) import.
@@ -142,7 +143,9 @@ def tune(
         source, batch=batch, checkpoint=checkpoint, pretrained=pretrained, seed=weights_seed
     )
     quantization = quantization_for(imported, inputs)
-    mod, config, params = prepare(imported, spec, inputs.plan, quantization=quantization)
+    mod, config, params = prepare(
+        imported, spec, inputs.plan, quantization=quantization, precision=inputs.precision
+    )
     mod = pipeline.optimize(mod, config, params, stop_before="schedule")
     kernels = []
     for kernel in tuning.extract_kernels(mod):

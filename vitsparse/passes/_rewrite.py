@@ -107,3 +107,15 @@ def fake_quant_input(mutator: relax.PyExprMutator, expr):
     if op_call(bound_value(mutator, rounded.args[0]), "relax.multiply") is None:
         return None
     return q, float(scale_value)
+
+
+def bf16_input(mutator: relax.PyExprMutator, expr):
+    """The bf16 tensor ``y`` when ``expr`` is AnnotateBF16's rounded form of an input,
+    ``astype(y, "float32")`` with ``y = astype(x, "bfloat16")``, else None."""
+    widened = op_call(bound_value(mutator, expr), "relax.astype")
+    if widened is None or str(widened.attrs.dtype) != "float32":
+        return None
+    narrowed = op_call(bound_value(mutator, widened.args[0]), "relax.astype")
+    if narrowed is None or str(narrowed.attrs.dtype) != "bfloat16":
+        return None
+    return widened.args[0]

@@ -1,4 +1,4 @@
-"""AnnotateQuantization: write int8 activation quantization onto the Relax module.
+"""AnnotateQuantization and AnnotateBF16: write reduced precision onto the Relax module.
 
 The input x of every quantized linear layer (`vitsparse.plan.quantize`: the blocks' qkv, proj,
 fc1 and fc2) becomes its fake-quantized form,
@@ -11,8 +11,15 @@ layer whose input has this form becomes an int8 kernel (the weight quantized per
 at compile time); the float multiply by s_x is then dead. main gets the function attribute
 ``vitsparse.quantization`` (per layer s_x) for people reading a dump.
 
-Run it before BindParams: it finds the layers by their weights' Relax parameter names, which the
-frontend's ViTGraph maps to PyTorch layer names.
+AnnotateBF16 does the same for bf16: each reduced layer's input x becomes
+
+    astype(astype(x, "bfloat16"), "float32")
+
+(rounded to nearest, ties to even, as PyTorch rounds), which LowerLinear and BlockSparsify read
+back as a bf16 kernel's input, the weight rounded to bf16 at compile time.
+
+Run them before BindParams: they find the layers by their weights' Relax parameter names, which
+the frontend's ViTGraph maps to PyTorch layer names.
 """
 
 from __future__ import annotations
@@ -39,11 +46,20 @@ def fake_quant(bb: relax.BlockBuilder, x, scale: float):
     return relax.op.multiply(clipped, relax.const(np.float32(scale), "float32"))
 
 
+def round_bf16(_bb: relax.BlockBuilder, x, _value=None):
+    """Emit x rounded to bf16, as float32 (AnnotateBF16's form)."""
+    return relax.op.astype(relax.op.astype(x, "bfloat16"), "float32")
+
+
 @relax.expr_functor.mutator
-class _QuantizeInputs(relax.PyExprMutator):
-    def __init__(self, mod, scales: dict):
+class _RewriteInputs(relax.PyExprMutator):
+    """Rewrites the input of every matmul whose weight is one of ``scales``' parameters with
+    ``rewrite(builder, x, scales[param])``."""
+
+    def __init__(self, mod, scales: dict, rewrite):
         super().__init__(mod)
-        self.scales = scales  # weight parameter Var -> s_x
+        self.scales = scales  # weight parameter Var -> what the rewrite needs
+        self.rewrite = rewrite
         self.seen: set = set()
 
     def _weight_param(self, expr):
@@ -69,7 +85,7 @@ class _QuantizeInputs(relax.PyExprMutator):
         if param is None:
             return call
         self.seen.add(param)
-        x = self.builder_.emit(fake_quant(self.builder_, call.args[0], self.scales[param]))
+        x = self.builder_.emit(self.rewrite(self.builder_, call.args[0], self.scales[param]))
         return relax.Call(call.op, [x, call.args[1]], call.attrs)
 
 
@@ -83,21 +99,45 @@ class AnnotateQuantization:
         self.func_name = func_name
 
     def transform_module(self, mod, _ctx):
-        by_torch = {torch: relax_name for relax_name, torch in self.graph.param_map.items()}
-        func = mod[self.func_name]
-        params = {p.name: p for p in func.params}
-        scales = {}
-        for layer, scale in self.quantization.scales.items():
-            relax_name = by_torch.get(f"{layer}.weight")
-            if relax_name is None or relax_name not in params:
-                raise PlanError(f"quantized layer {layer!r} has no weight in the imported module")
-            scales[params[relax_name]] = scale
-        mutator = _QuantizeInputs(mod, scales)
-        new_func = mutator.visit_expr(func)
-        unused = sorted(p.name for p in set(scales) - mutator.seen)
-        if unused:
-            raise PlanError(f"no matmul reads the quantized weights {unused[:3]}")
-        out = copy_module(mod)
         attr = {layer: f"s_x={scale:.6g}" for layer, scale in self.quantization.scales.items()}
-        out[self.func_name] = new_func.with_attr(QUANTIZATION_ATTR, attr)
-        return relax.transform.Normalize()(out)
+        return _rewrite_layers(
+            mod, self.graph, self.quantization.scales, fake_quant, self.func_name, attr
+        )
+
+
+@tvm.transform.module_pass(opt_level=0, name="vitsparse.AnnotateBF16")
+class AnnotateBF16:
+    """Round the inputs of ``layers`` (PyTorch layer names) to bf16 in main (see the module
+    docstring)."""
+
+    def __init__(self, layers, graph: ViTGraph, func_name: str = "main"):
+        self.layers = tuple(layers)
+        self.graph = graph
+        self.func_name = func_name
+
+    def transform_module(self, mod, _ctx):
+        attr = {layer: "bf16" for layer in self.layers}
+        layers = dict.fromkeys(self.layers)
+        return _rewrite_layers(mod, self.graph, layers, round_bf16, self.func_name, attr)
+
+
+def _rewrite_layers(mod, graph: ViTGraph, layers: dict, rewrite, func_name: str, attr: dict):
+    """``mod`` with the input of each of ``layers`` (PyTorch name -> what ``rewrite`` takes)
+    rewritten, and main's ``vitsparse.quantization`` attribute set to ``attr``."""
+    by_torch = {torch: relax_name for relax_name, torch in graph.param_map.items()}
+    func = mod[func_name]
+    params = {p.name: p for p in func.params}
+    by_param = {}
+    for layer, value in layers.items():
+        relax_name = by_torch.get(f"{layer}.weight")
+        if relax_name is None or relax_name not in params:
+            raise PlanError(f"reduced-precision layer {layer!r} has no weight in the module")
+        by_param[params[relax_name]] = value
+    mutator = _RewriteInputs(mod, by_param, rewrite)
+    new_func = mutator.visit_expr(func)
+    unused = sorted(p.name for p in set(by_param) - mutator.seen)
+    if unused:
+        raise PlanError(f"no matmul reads the reduced-precision weights {unused[:3]}")
+    out = copy_module(mod)
+    out[func_name] = new_func.with_attr(QUANTIZATION_ATTR, attr)
+    return relax.transform.Normalize()(out)

@@ -12,9 +12,11 @@ by the caller, from measurements on the target (``jobs._break_even``). A GELU af
 becomes the kernel's epilogue. The kernels are tiled for the current target (``with target:``).
 
 A layer whose input AnnotateQuantization fake-quantized becomes the int8 BSR kernel of
-``schedules.int8`` where ``int8_lanes`` is set: its masked weight quantized per output channel
+``schedules.paired`` where ``int8_lanes`` is set: its masked weight quantized per output channel
 (`plan.quantize.quantize_weight`, the same values as the dense int8 path), its input's integers
-cast to int16. Its break-even is the same (fp32-measured) density.
+cast to int16. With ``bf16``, a layer whose input AnnotateBF16 rounded becomes the bf16 BSR
+kernel, its kept blocks rounded to bf16 bits. The break-even given is the precision's own (an
+int8 or bf16 compile measures its BSR kernel against its dense kernel).
 """
 
 from __future__ import annotations
@@ -27,14 +29,15 @@ import numpy as np
 from vitsparse._tvm import relax, struct_shape, tvm
 from vitsparse.passes._rewrite import (
     FuseGeluEpilogue,
+    bf16_input,
     bound_value,
     const_array,
     fake_quant_input,
     op_call,
     rewrite_relax_functions,
 )
-from vitsparse.plan.quantize import dequant_scales, quantize_weight
-from vitsparse.schedules import bsr, int8
+from vitsparse.plan.quantize import bf16_bits, dequant_scales, quantize_weight
+from vitsparse.schedules import bsr, paired
 
 OPAQUE = 8  # relay's kOpaque op pattern: FuseOps fuses nothing into or after it
 
@@ -43,12 +46,15 @@ BreakEven = Callable[[int, int, int, tuple[int, int]], float]
 
 @relax.expr_functor.mutator
 class _BlockSparsifyMutator(relax.PyExprMutator):
-    def __init__(self, mod, break_even: BreakEven, decisions: list, kernels: dict, lanes: int):
+    def __init__(
+        self, mod, break_even: BreakEven, decisions: list, kernels: dict, lanes: int, bf16: bool
+    ):
         super().__init__(mod)
         self.break_even = break_even
         self.decisions = decisions
         self.kernels = kernels  # GlobalVar -> BSRShape of the (float) kernels added
         self.int8_lanes = lanes
+        self.bf16 = bf16
 
     def _call(self, expr, name):
         return op_call(bound_value(self, expr), name)
@@ -105,9 +111,22 @@ class _BlockSparsifyMutator(relax.PyExprMutator):
             return None
         decision["kernel"] = "bsr"
         quantized = fake_quant_input(self, x) if self.int8_lanes else None
+        rounded = bf16_input(self, x) if self.bf16 and quantized is None else None
+        if quantized is not None or rounded is not None:
+            precision = "int8" if quantized is not None else "bf16"
+            lanes = self.int8_lanes if quantized is not None else 16
+            if not paired.bsr_lanes(precision, lanes, block, k):
+                decision["kernel"] = "dense"  # no paired BSR kernel for this block
+                return None
+            decision["precision"] = precision
         if quantized is not None:
-            decision["precision"] = "int8"
             return self._lower_int8(x_shape, rows, bias, weight, kept, block, *quantized)
+        if rounded is not None:
+            x16 = self.builder_.emit(relax.op.memory.view(rounded, dtype="uint16"))
+            values, scale = bf16_bits(weight), np.ones(weight.shape[0], np.float32)
+            return self._lower_paired(
+                "bf16", 16, x_shape, x16, rows, bias, values, kept, block, scale
+            )
         packed = bsr.to_bsr(weight, kept, block)
         shape = bsr.BSRShape.of(rows, packed)
         gvar = self.builder_.add_func(bsr.bsr_primfunc(shape), f"bsr_{block[0]}x{block[1]}")
@@ -123,27 +142,35 @@ class _BlockSparsifyMutator(relax.PyExprMutator):
         return relax.op.reshape(self.builder_.emit(out), (*x_shape[:-1], n))
 
     def _lower_int8(self, x_shape, rows, bias, weight, kept, block, q_input, activation_scale):
-        emit = self.builder_.emit
-        n, k = weight.shape
-        block_rows, cols = block
         element_kept = np.kron(kept, np.ones(block, dtype=bool))
         q, w_scale = quantize_weight(np.where(element_kept, weight, 0))
-        packed = int8.pack_bsr(q, kept, block)
-        lanes = min(self.int8_lanes, block_rows)
-        tile = int8.choose_bsr_row_tile(block_rows, lanes, rows)
-        shape = int8.Int8BSRShape(rows, k, n, block, packed.data.shape[0], tile, lanes)
-        func = int8.bsr_primfunc(shape).with_attr("op_pattern", OPAQUE)
-        gvar = self.builder_.add_func(func, f"int8_bsr_{block_rows}x{cols}")
-        xq = emit(relax.op.astype(q_input, "int16"))
+        xq = self.builder_.emit(relax.op.astype(q_input, "int16"))
+        scale = dequant_scales(activation_scale, w_scale)
+        lanes = self.int8_lanes
+        return self._lower_paired("int8", lanes, x_shape, xq, rows, bias, q, kept, block, scale)
+
+    def _lower_paired(self, precision, lanes, x_shape, x, rows, bias, values, kept, block, scale):
+        """The paired BSR kernel of ``precision`` on ``x`` (the stored input) and the kept
+        blocks of ``values`` (int8 values or bf16 bits), its sums times ``scale`` plus bias."""
+        emit = self.builder_.emit
+        n, k = values.shape
+        block_rows, cols = block
+        packed = paired.pack_bsr(values, kept, block)
+        lanes = paired.bsr_lanes(precision, lanes, block, k)
+        tile = paired.choose_bsr_row_tile(block_rows, lanes, rows)
+        shape = paired.PairedBSRShape(
+            rows, k, n, block, packed.data.shape[0], tile, lanes, precision
+        )
+        func = paired.bsr_primfunc(shape).with_attr("op_pattern", OPAQUE)
+        gvar = self.builder_.add_func(func, f"{precision}_bsr_{block_rows}x{cols}")
         if len(x_shape) != 2:
-            xq = emit(relax.op.reshape(xq, (rows, k)))
+            x = emit(relax.op.reshape(x, (rows, k)))
         if shape.padded_m != rows:  # whole row tiles: the kernel's loads need no clamp
-            xq = emit(relax.op.nn.pad(xq, [0, shape.padded_m - rows, 0, 0]))
-        consts = (packed.data, packed.indices, packed.indptr)
-        scales = (dequant_scales(activation_scale, w_scale), bias.astype(np.float32))
+            x = emit(relax.op.nn.pad(x, [0, shape.padded_m - rows, 0, 0]))
+        consts = (packed.data, packed.indices, packed.indptr, scale, bias.astype(np.float32))
         out = relax.call_tir(
             gvar,
-            [xq, *(relax.const(a) for a in consts + scales)],
+            [x, *(relax.const(a) for a in consts)],
             relax.TensorType((rows, n), "float32"),
         )
         if len(x_shape) == 2:
@@ -160,18 +187,24 @@ class BlockSparsify:
     """
 
     def __init__(
-        self, break_even: BreakEven, decisions: list | None = None, *, int8_lanes: int = 0
+        self,
+        break_even: BreakEven,
+        decisions: list | None = None,
+        *,
+        int8_lanes: int = 0,
+        bf16: bool = False,
     ):
         self.break_even = break_even
         self.decisions = decisions if decisions is not None else []
         self.int8_lanes = int8_lanes
+        self.bf16 = bf16
 
     def transform_module(self, mod, _ctx):
         kernels: dict = {}
         mod = rewrite_relax_functions(
             mod,
             lambda m: _BlockSparsifyMutator(
-                m, self.break_even, self.decisions, kernels, self.int8_lanes
+                m, self.break_even, self.decisions, kernels, self.int8_lanes, self.bf16
             ),
         )
 

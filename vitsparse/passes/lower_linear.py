@@ -16,11 +16,13 @@ generic matmul, the alternative, runs such layers several times slower. A layer 
 input feature (an MLP pruned to one neuron) has no reduction loop to schedule and stays as it is.
 
 A layer whose input AnnotateQuantization fake-quantized becomes the int8 kernel of
-``schedules.int8`` instead (with ``int8_lanes``, the target's `vpmaddwd` width): the weight is
+``schedules.paired`` instead (with ``int8_lanes``, the target's `vpmaddwd` width): the weight is
 quantized per output channel at compile time (`plan.quantize.quantize_weight`), the input's
 integers are cast to int16 (padded to an even width), and the kernel dequantizes its int32 sums
-with ``S = s_x * s_w``. It is opaque to FuseOps (its producers, the quantization, fuse with
-whatever precedes them instead).
+with ``S = s_x * s_w``. With ``bf16``, a layer whose input AnnotateBF16 rounded becomes the
+bf16 kernel: the weight rounded to bf16 bits at compile time (`plan.quantize.bf16_bits`), the
+input's bf16 tensor viewed as its uint16 bits, ``S = 1``. Both are opaque to FuseOps (their
+producers, the quantization or rounding, fuse with whatever precedes them instead).
 """
 
 from __future__ import annotations
@@ -33,14 +35,15 @@ import numpy as np
 from vitsparse._tvm import relax, struct_shape, tvm
 from vitsparse.passes._rewrite import (
     FuseGeluEpilogue,
+    bf16_input,
     bound_value,
     const_array,
     fake_quant_input,
     op_call,
     rewrite_relax_functions,
 )
-from vitsparse.plan.quantize import dequant_scales, quantize_weight
-from vitsparse.schedules import dense, int8
+from vitsparse.plan.quantize import bf16_bits, dequant_scales, quantize_weight
+from vitsparse.schedules import dense, paired
 
 OPAQUE = 8  # relay's kOpaque op pattern: FuseOps fuses nothing into or after it
 
@@ -59,10 +62,11 @@ class _Linear:
 
 @relax.expr_functor.mutator
 class _LowerLinearMutator(relax.PyExprMutator):
-    def __init__(self, mod, int8_lanes: int = 0):
+    def __init__(self, mod, int8_lanes: int = 0, bf16: bool = False):
         super().__init__(mod)
         self.kernels: dict = {}
         self.int8_lanes = int8_lanes
+        self.bf16 = bf16
 
     # -- matching -----------------------------------------------------------------------------
     def _binding(self, expr):
@@ -138,28 +142,44 @@ class _LowerLinearMutator(relax.PyExprMutator):
         return relax.op.reshape(self.builder_.emit(out), lin.out_shape)
 
     def _emit_int8(self, lin: _Linear, q_input, activation_scale: float):
+        q, w_scale = quantize_weight(lin.weight)
+        x = self.builder_.emit(relax.op.astype(q_input, "int16"))
+        scale = dequant_scales(activation_scale, w_scale)
+        return self._emit_paired(lin, "int8", self.int8_lanes, x, q, scale)
+
+    def _emit_bf16(self, lin: _Linear, bf16_x):
+        x = self.builder_.emit(relax.op.memory.view(bf16_x, dtype="uint16"))
+        scale = np.ones(lin.weight.shape[0], np.float32)
+        return self._emit_paired(lin, "bf16", 16, x, bf16_bits(lin.weight), scale)
+
+    def _emit_paired(self, lin: _Linear, precision: str, lanes: int, x, values, scale):
+        """The paired kernel of ``precision`` on ``x`` (the stored input) and ``values`` (the
+        weight's int8 values or bf16 bits), its sums times ``scale`` plus the bias."""
         emit = self.builder_.emit
         n, k = lin.weight.shape
-        lanes = self.int8_lanes
-        q, w_scale = quantize_weight(lin.weight)
-        scale, bias = dequant_scales(activation_scale, w_scale), lin.bias.astype(np.float32)
+        bias = lin.bias.astype(np.float32)
         n_pad, k_pad = -(-n // lanes) * lanes, k + k % 2
-        q = np.pad(q, ((0, n_pad - n), (0, k_pad - k)))
+        values = np.pad(values, ((0, n_pad - n), (0, k_pad - k)))
         scale, bias = np.pad(scale, (0, n_pad - n)), np.pad(bias, (0, n_pad - n))
         rows = int(np.prod(lin.out_shape[:-1]))
-        xq = emit(relax.op.astype(q_input, "int16"))
-        if len(struct_shape(xq)) != 2:
-            xq = emit(relax.op.reshape(xq, (rows, k)))
+        if len(struct_shape(x)) != 2:
+            x = emit(relax.op.reshape(x, (rows, k)))
         if k_pad != k:
-            xq = emit(relax.op.nn.pad(xq, [0, 0, 0, 1]))
-        shape = int8.Int8DenseShape(rows, k_pad, n_pad, "none", dense.choose_row_tile(rows), lanes)
-        key = ("int8", shape, n_pad != n)
+            x = emit(relax.op.nn.pad(x, [0, 0, 0, 1]))
+        tile = dense.choose_row_tile(rows)
+        shape = paired.PairedDenseShape(rows, k_pad, n_pad, "none", tile, lanes, precision)
+        key = (precision, shape, n_pad != n)
         if key not in self.kernels:
-            func = int8.dense_primfunc(shape).with_attr("op_pattern", OPAQUE)
-            self.kernels[key] = self.builder_.add_func(func, "int8_dense")
+            func = paired.dense_primfunc(shape).with_attr("op_pattern", OPAQUE)
+            self.kernels[key] = self.builder_.add_func(func, f"{precision}_dense")
         out = relax.call_tir(
             self.kernels[key],
-            [xq, relax.const(int8.pack_dense(q, lanes)), relax.const(scale), relax.const(bias)],
+            [
+                x,
+                relax.const(paired.pack_dense(values, lanes)),
+                relax.const(scale),
+                relax.const(bias),
+            ],
             relax.TensorType((rows, n_pad), "float32"),
         )
         if n_pad != n:
@@ -178,22 +198,27 @@ class _LowerLinearMutator(relax.PyExprMutator):
         quantized = fake_quant_input(self, lin.x) if self.int8_lanes else None
         if quantized is not None:
             return self._emit_int8(lin, *quantized)
+        rounded = bf16_input(self, lin.x) if self.bf16 else None
+        if rounded is not None:
+            return self._emit_bf16(lin, rounded)
         return self._emit_linear(lin, "none")
 
 
 @tvm.transform.module_pass(opt_level=0, name="vitsparse.LowerLinear")
 class LowerLinear:
     """Rewrite constant-weight linear layers (+ optional GELU) into packed dense kernels; int8
-    kernels for fake-quantized inputs where ``int8_lanes`` is set."""
+    kernels for fake-quantized inputs where ``int8_lanes`` is set, bf16 kernels for bf16-rounded
+    inputs with ``bf16``."""
 
-    def __init__(self, int8_lanes: int = 0):
+    def __init__(self, int8_lanes: int = 0, bf16: bool = False):
         self.int8_lanes = int8_lanes
+        self.bf16 = bf16
 
     def transform_module(self, mod, _ctx):
         kernels: dict = {}
 
         def first(m):
-            mutator = _LowerLinearMutator(m, self.int8_lanes)
+            mutator = _LowerLinearMutator(m, self.int8_lanes, self.bf16)
             mutator.kernels = kernels
             return mutator
 
@@ -205,9 +230,9 @@ class LowerLinear:
             if key is None or key[-2].epilogue != "none":
                 return None
             shape = dataclasses.replace(key[-2], epilogue="gelu")
-            if key[0] == "int8":
-                make = lambda: _opaque(int8.dense_primfunc(shape))  # noqa: E731
-                return ("int8", shape), make, "int8_dense_gelu"
+            if key[0] in paired.PRECISIONS:
+                make = lambda: _opaque(paired.dense_primfunc(shape))  # noqa: E731
+                return (key[0], shape), make, f"{key[0]}_dense_gelu"
             return shape, lambda: dense.dense_primfunc(shape), "dense_gelu"
 
         mod = rewrite_relax_functions(mod, lambda m: FuseGeluEpilogue(m, gelu_variant))

@@ -4,13 +4,14 @@
     structure  the plan's structure: embedding channels, heads, MLP neurons, tokens (narrower
                weight parameters, shapes that follow, static top-k)
     annotate   the plan's block masks written into the IR (AnnotatePruning); for int8, the
-               quantized layers' inputs fake-quantized (AnnotateQuantization)
+               quantized layers' inputs fake-quantized (AnnotateQuantization); for bf16,
+               rounded to bf16 (AnnotateBF16)
     bind       weights become constants (sliced as the structure recorded), so weight
                transposes, masks and packing fold at compile time
     sparsify   annotated layers below their break-even density -> BSR kernels; masks left dense
                fold into their weights
     lower      linear layers -> packed dense kernels (+ fused GELU) on CPU targets; int8
-               kernels where the input is fake-quantized
+               or bf16 kernels (`schedules.paired`) where the input is annotated so
     legalize   remaining Relax ops -> TensorIR, with fast-math GELU
     fuse       constant folding, operator fusion, FuseTIR
     schedule   tuned records from the database, hand-written rules for whatever they miss
@@ -31,7 +32,7 @@ import numpy as np
 from vitsparse._tvm import IRModule, dlight, relax, tir, topi, tvm
 from vitsparse.frontend import ViTGraph
 from vitsparse.passes.annotate_pruning import AnnotatePruning
-from vitsparse.passes.annotate_quantization import AnnotateQuantization
+from vitsparse.passes.annotate_quantization import AnnotateBF16, AnnotateQuantization
 from vitsparse.passes.bind_weights import BindWeights, bind_params
 from vitsparse.passes.block_sparsify import BlockSparsify, BreakEven
 from vitsparse.passes.lower_linear import LowerLinear
@@ -42,7 +43,7 @@ from vitsparse.passes.prune_mlp import PruneMLP
 from vitsparse.passes.prune_tokens import PruneTokens
 from vitsparse.plan import PruningPlan
 from vitsparse.plan.quantize import Quantization
-from vitsparse.schedules import cpu_rules, gpu_rules, int8
+from vitsparse.schedules import cpu_rules, gpu_rules, paired
 
 PHASES = (
     "structure",
@@ -78,9 +79,10 @@ class PipelineConfig:
     annotation and sparsify phases; ``break_even(m, k, n, block)`` is the density at or below
     which a masked layer becomes a BSR kernel (None: every masked layer does), and every
     masked layer's decision is appended to ``decisions``. ``database`` is a MetaSchedule
-    database whose records the schedule phase applies first. ``quantization`` (with the
-    ``graph``, and ``int8_lanes`` the target's int8 kernel width) compiles the quantized layers
-    in int8.
+    database whose records the schedule phase applies first. ``precision`` names the
+    reduced layers' arithmetic: ``"int8"`` needs ``quantization`` (the activation scales), the
+    ``graph`` and ``int8_lanes`` (the target's int8 kernel width); ``"bf16"`` needs
+    ``bf16_layers`` (PyTorch layer names, `plan.quantize.quantized_layers`) and the ``graph``.
     """
 
     target: tvm.target.Target
@@ -94,16 +96,20 @@ class PipelineConfig:
     dump_dir: Path | None = None
     quantization: Quantization | None = None
     int8_lanes: int = 0
+    precision: str = "fp32"
+    bf16_layers: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.plan is not None and self.graph is None:
             raise ValueError("a pipeline with a plan needs the model's ViTGraph (graph=)")
-        if self.quantization is not None and (self.graph is None or not self.int8_lanes):
-            raise ValueError("an int8 pipeline needs the model's ViTGraph and int8_lanes")
-
-    @property
-    def precision(self) -> str:
-        return "fp32" if self.quantization is None else "int8"
+        if self.quantization is not None and self.precision == "fp32":
+            object.__setattr__(self, "precision", "int8")  # the scales say so
+        if self.precision == "int8" and (
+            self.quantization is None or self.graph is None or not self.int8_lanes
+        ):
+            raise ValueError("an int8 pipeline needs quantization, the ViTGraph and int8_lanes")
+        if self.precision == "bf16" and self.graph is None:
+            raise ValueError("a bf16 pipeline needs the model's ViTGraph")
 
 
 def _legalize_gelu_fast(bb, call):
@@ -131,7 +137,14 @@ def _sparsify(config: PipelineConfig) -> list:
     out = []
     if config.plan is not None:
         break_even = config.break_even or (lambda m, k, n, block: 1.0)
-        out.append(BlockSparsify(break_even, config.decisions, int8_lanes=config.int8_lanes))
+        out.append(
+            BlockSparsify(
+                break_even,
+                config.decisions,
+                int8_lanes=config.int8_lanes,
+                bf16=config.precision == "bf16",
+            )
+        )
     # Folds what the rewrites left of pruning annotations (masked weights kept dense).
     return out + [relax.transform.FoldConstant()]
 
@@ -141,7 +154,7 @@ def _lower(config: PipelineConfig) -> list:
         return []
     return [
         PatchEmbedToDense(),
-        LowerLinear(config.int8_lanes),
+        LowerLinear(config.int8_lanes, bf16=config.precision == "bf16"),
         relax.transform.RemoveRedundantReshape(),
     ]
 
@@ -150,6 +163,8 @@ def _annotate(config: PipelineConfig) -> list:
     out = [] if config.plan is None else [AnnotatePruning(config.plan, config.graph)]
     if config.quantization is not None:
         out.append(AnnotateQuantization(config.quantization, config.graph))
+    if config.precision == "bf16":
+        out.append(AnnotateBF16(config.bf16_layers, config.graph))
     return out
 
 
@@ -174,8 +189,8 @@ def _fuse(_config: PipelineConfig) -> list:
 
 def _schedule(config: PipelineConfig) -> list:
     passes = []
-    if config.int8_lanes:
-        int8.register_intrinsics()  # tuned records replay tensorize with them
+    if config.precision != "fp32":
+        paired.register_intrinsics()  # tuned records replay tensorize with them
     if config.database is not None:
         passes.append(_ApplyDatabase(config.database, config.target))
     rules = cpu_rules if config.schedule_family == "cpu" else gpu_rules

@@ -1,8 +1,15 @@
-"""int8 quantization: what it computes, once, for the compiler and for its PyTorch reference.
+"""Reduced precision (int8 and bf16): what it computes, once, for the compiler and for its
+PyTorch reference.
 
-The quantized layers are the blocks' linear layers (qkv, proj, fc1, fc2) with at least two
-input features; the patch embedding, the classifier, attention's matmuls, LayerNorm, softmax and
-GELU stay in float32. For a quantized layer with input x, weight W (N, K) and bias b:
+The reduced layers are the blocks' linear layers (qkv, proj, fc1, fc2) with at least two input
+features; the patch embedding, the classifier, attention's matmuls, LayerNorm, softmax and GELU
+stay in float32, in every precision.
+
+bf16: the layer's input and weight are rounded to bfloat16 (to nearest, ties to even), their
+products summed in float32, and the bias added in float32. `bf16_bits` is the compiler's
+rounding, `bf16_model` the reference (the sums in float64).
+
+int8: for a quantized layer with input x, weight W (N, K) and bias b:
 
     s_w[n] = max_k |W[n, k]| / 127          per output channel, symmetric (1 for a zero row)
     Wq     = clip(round(W / s_w), -127, 127)
@@ -22,6 +29,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -55,16 +63,19 @@ class Quantization:
         return cls({k: float(v) for k, v in data["scales"].items()}, data.get("calibration", {}))
 
 
+def is_reduced_layer(name: str, in_features: int) -> bool:
+    """Whether the linear layer ``name`` (a PyTorch name) with ``in_features`` inputs runs in
+    the reduced precision: the blocks' linear layers with at least two inputs (a layer pruned to
+    one input has no reduction for the paired kernels)."""
+    return name.startswith("blocks.") and name.endswith(_LAYER_SUFFIXES) and in_features >= 2
+
+
 def quantized_layers(model: torch.nn.Module) -> list[str]:
-    """The layers int8 quantizes in ``model``: the blocks' linear layers with at least two
-    input features (a layer pruned to one input has no reduction for the int8 kernel)."""
+    """The layers reduced precision (int8 or bf16) applies to in ``model`` (`is_reduced_layer`)."""
     return [
         name
         for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear)
-        and name.startswith("blocks.")
-        and name.endswith(_LAYER_SUFFIXES)
-        and module.in_features >= 2
+        if isinstance(module, torch.nn.Linear) and is_reduced_layer(name, module.in_features)
     ]
 
 
@@ -119,3 +130,53 @@ def fake_quant_model(model: torch.nn.Module, quantization: Quantization) -> torc
         owner = out.get_submodule(parent)
         setattr(owner, child, FakeQuantLinear(getattr(owner, child), quantization.scales[name]))
     return out.eval()
+
+
+# -- bf16 ---------------------------------------------------------------------------------------
+
+
+def bf16_bits(values) -> np.ndarray:
+    """float32 values rounded to bfloat16 (nearest, ties to even), as their uint16 bits."""
+    return np.asarray(values, np.float32).astype(ml_dtypes.bfloat16).view(np.uint16)
+
+
+class Bf16Linear(torch.nn.Module):
+    """The bf16 computation of one linear layer in PyTorch (see the module docstring)."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        weight = linear.weight.detach().float().cpu()
+        self.register_buffer("weight", weight.bfloat16().double())
+        bias = linear.bias if linear.bias is not None else torch.zeros(weight.shape[0])
+        self.register_buffer("bias", bias.detach().float().clone())
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x):
+        sums = F.linear(x.bfloat16().double(), self.weight)  # bf16 products are exact in float64
+        return sums.float() + self.bias
+
+
+def bf16_model(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model`` with each reduced layer (`quantized_layers`) computing in bf16."""
+    out = copy.deepcopy(model)
+    for name in quantized_layers(model):
+        parent, _, child = name.rpartition(".")
+        owner = out.get_submodule(parent)
+        setattr(owner, child, Bf16Linear(getattr(owner, child)))
+    return out.eval()
+
+
+def reference_model(
+    model: torch.nn.Module, precision: str, quantization: Quantization | None = None
+) -> torch.nn.Module:
+    """The PyTorch model of what ``precision`` compiles ``model`` to (``model`` itself for
+    fp32; int8 needs the ``quantization``)."""
+    if precision == "fp32":
+        return model
+    if precision == "bf16":
+        return bf16_model(model)
+    if precision == "int8":
+        if quantization is None:
+            raise ValueError("the int8 reference needs the quantization (activation scales)")
+        return fake_quant_model(model, quantization)
+    raise ValueError(f"no reference for precision {precision!r}")

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import ml_dtypes
 import numpy as np
 
 from vitsparse._tvm import IRModule, Schedule
-from vitsparse.schedules import bsr, dense, int8
+from vitsparse.plan.quantize import bf16_bits
+from vitsparse.schedules import bsr, dense, paired
 
 
 @dataclass(frozen=True)
@@ -50,31 +52,43 @@ def bsr_case(
     return KernelCase(mod, args, x @ packed.to_dense().T + b, packed.density)
 
 
-def int8_dense_case(m: int, k: int, n: int, lanes: int, *, seed: int = 0) -> KernelCase:
-    """The int8 dense kernel (``lanes`` wide) for an (m, k) int8 input and an (n, k) weight."""
-    x, q, scale, b, y = _int8_operands(m, k, n, seed)
-    shape = int8.Int8DenseShape(m, k, n, "none", dense.choose_row_tile(m), lanes)
-    mod = IRModule({"main": int8.scheduled_dense(shape)})
-    args = [x, int8.pack_dense(q, lanes), scale, b, y]
-    return KernelCase(mod, args, _int8_expected(x, q, scale, b), 1.0)
-
-
-def int8_bsr_case(
-    m: int, k: int, n: int, block: tuple[int, int], density: float, lanes: int, *, seed: int = 0
+def paired_dense_case(
+    m: int, k: int, n: int, lanes: int, precision: str = "int8", *, seed: int = 0
 ) -> KernelCase:
-    """The int8 BSR kernel for an (n, k) int8 weight keeping ``round(density * blocks)`` of its
-    blocks (at least one), drawn as `bsr_case` draws them."""
-    x, q, scale, b, y = _int8_operands(m, k, n, seed)
+    """The int8 or bf16 dense kernel (``lanes`` wide) for an (m, k) input and (n, k) weight."""
+    x, q, scale, b, y = _paired_operands(m, k, n, precision, seed)
+    tile = dense.choose_row_tile(m)
+    shape = paired.PairedDenseShape(m, k, n, "none", tile, lanes, precision)
+    mod = IRModule({"main": paired.scheduled_dense(shape)})
+    args = [x, paired.pack_dense(q, lanes), scale, b, y]
+    return KernelCase(mod, args, _paired_expected(x, q, scale, b), 1.0)
+
+
+def paired_bsr_case(
+    m: int,
+    k: int,
+    n: int,
+    block: tuple[int, int],
+    density: float,
+    lanes: int,
+    precision: str = "int8",
+    *,
+    seed: int = 0,
+) -> KernelCase:
+    """The int8 or bf16 BSR kernel for an (n, k) weight keeping ``round(density * blocks)`` of
+    its blocks (at least one), drawn as `bsr_case` draws them."""
+    x, q, scale, b, y = _paired_operands(m, k, n, precision, seed)
     kept = _random_blocks(n, k, block, density, seed)
-    packed = int8.pack_bsr(q, kept, tuple(block))
-    lanes = min(lanes, block[0])
-    tile = int8.choose_bsr_row_tile(block[0], lanes, m)
-    shape = int8.Int8BSRShape(m, k, n, tuple(block), packed.data.shape[0], tile, lanes)
-    mod = IRModule({"main": int8.bsr_primfunc(shape).with_attr("global_symbol", "main")})
+    packed = paired.pack_bsr(q, kept, tuple(block))
+    lanes = paired.bsr_lanes(precision, lanes, tuple(block), k)
+    tile = paired.choose_bsr_row_tile(block[0], lanes, m)
+    nnzb = packed.data.shape[0]
+    shape = paired.PairedBSRShape(m, k, n, tuple(block), nnzb, tile, lanes, precision)
+    mod = IRModule({"main": paired.bsr_primfunc(shape).with_attr("global_symbol", "main")})
     x_padded = np.pad(x, ((0, shape.padded_m - m), (0, 0)))
     args = [x_padded, packed.data, packed.indices, packed.indptr, scale, b, y]
-    masked = q * np.kron(kept, np.ones(block, dtype=np.int8))
-    return KernelCase(mod, args, _int8_expected(x, masked, scale, b), float(kept.mean()))
+    masked = np.where(np.kron(kept, np.ones(block, dtype=bool)), q, np.zeros_like(q))
+    return KernelCase(mod, args, _paired_expected(x, masked, scale, b), float(kept.mean()))
 
 
 def check_kernel(case: KernelCase, output: np.ndarray, what: str, rtol: float = 1e-4) -> None:
@@ -105,14 +119,26 @@ def _random_blocks(n: int, k: int, block, density: float, seed: int) -> np.ndarr
     return kept.reshape(grid)
 
 
-def _int8_operands(m: int, k: int, n: int, seed: int):
+def _paired_operands(m: int, k: int, n: int, precision: str, seed: int):
+    """(x, weight values, scale, bias, output): int8 values as int16/int8, or bf16 bits."""
     rng = np.random.default_rng(seed)
+    b = rng.standard_normal(n, dtype=np.float32)
+    if precision == "bf16":
+        x = bf16_bits(rng.standard_normal((m, k), dtype=np.float32))
+        q = bf16_bits(rng.standard_normal((n, k), dtype=np.float32))
+        return x, q, np.ones(n, np.float32), b, np.zeros((m, n), np.float32)
     x = rng.integers(-127, 128, (m, k)).astype(np.int16)
     q = rng.integers(-127, 128, (n, k)).astype(np.int8)
     scale = (rng.random(n) * 1e-4).astype(np.float32)
-    b = rng.standard_normal(n, dtype=np.float32)
     return x, q, scale, b, np.zeros((m, n), np.float32)
 
 
-def _int8_expected(x, q, scale, b) -> np.ndarray:
-    return (x.astype(np.int64) @ q.T.astype(np.int64)).astype(np.float32) * scale + b
+def _values(stored: np.ndarray) -> np.ndarray:
+    """Stored int8 values or bf16 bits as float64 numbers."""
+    if stored.dtype == np.uint16:
+        return stored.view(ml_dtypes.bfloat16).astype(np.float64)
+    return stored.astype(np.float64)  # int8 products and their sums are exact in float64
+
+
+def _paired_expected(x, q, scale, b) -> np.ndarray:
+    return ((_values(x) @ _values(q).T) * scale + b).astype(np.float32)

@@ -3,7 +3,7 @@ Schedule, or None when the rule does not apply).
 
 - DenseKernelRule: the packed dense kernel of schedules/dense.py with its default knobs.
 - BSRKernelRule: the block-sparse kernel of schedules/bsr.py with its default knobs.
-- Int8DenseKernelRule: the int8 dense kernel of schedules/int8.py (tensorized) with its default
+- PairedDenseKernelRule: the int8 dense kernel of schedules/paired.py (tensorized) with its default
   knobs. (The int8 BSR kernel comes scheduled.)
 - BatchMatmulRule: attention's batched matmuls (and any other einsum-shaped matmul): rows and
   columns padded to the register tile, broadcast-FMA inner loop like the dense kernel.
@@ -14,7 +14,7 @@ Schedule, or None when the rule does not apply).
 from __future__ import annotations
 
 from vitsparse._tvm import Schedule, dlight, tir
-from vitsparse.schedules import bsr, dense, int8
+from vitsparse.schedules import bsr, dense, paired
 
 _VECTOR = 16
 
@@ -48,14 +48,14 @@ class BSRKernelRule(dlight.ScheduleRule):
         return sch
 
 
-class Int8DenseKernelRule(dlight.ScheduleRule):
+class PairedDenseKernelRule(dlight.ScheduleRule):
     """The int8 dense linear kernel, scheduled with its hand-picked knobs."""
 
     def apply(self, func, target, tunable):
-        if not int8.is_dense_kernel(func):
+        if not paired.is_dense_kernel(func):
             return None
         sch = Schedule(func)
-        int8.schedule_dense_cpu(sch, int8.default_dense_knobs(int8.dense_shape_of(func)))
+        paired.schedule_dense_cpu(sch, paired.default_dense_knobs(paired.dense_shape_of(func)))
         return sch
 
 
@@ -275,7 +275,7 @@ def default_rules() -> list[dlight.ScheduleRule]:
     """The CPU rules in priority order."""
     return [
         DenseKernelRule(),
-        Int8DenseKernelRule(),
+        PairedDenseKernelRule(),
         BSRKernelRule(),
         BatchMatmulRule(),
         RowReductionRule(),

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from vitsparse._tvm import IRModule, ms, relax, structural_hash, tir, tvm
-from vitsparse.schedules import bsr, cpu_rules, dense, int8
+from vitsparse.schedules import bsr, cpu_rules, dense, paired
 
 TRIALS_PER_ROUND = 8
 
@@ -41,8 +41,8 @@ class Kernel:
         return bsr.is_bsr_kernel(self.func)
 
     @property
-    def is_int8_dense(self) -> bool:
-        return int8.is_dense_kernel(self.func)
+    def is_paired_dense(self) -> bool:
+        return paired.is_dense_kernel(self.func)
 
     @property
     def takes_indices(self) -> bool:
@@ -89,8 +89,8 @@ def _space(kernel: Kernel, target):
             postprocs=[],
             mutator_probs={ms.mutator.MutateTileSize(): 1.0},
         )
-    if kernel.is_dense or kernel.is_int8_dense:
-        template = dense.schedule_dense_cpu if kernel.is_dense else int8.schedule_dense_cpu
+    if kernel.is_dense or kernel.is_paired_dense:
+        template = dense.schedule_dense_cpu if kernel.is_dense else paired.schedule_dense_cpu
         return ms.space_generator.ScheduleFn(
             lambda sch: template(sch, None),
             sch_rules=[],

@@ -27,6 +27,7 @@ _API = {
     "PRECISIONS": _PRECISION,
     "check_precision": _PRECISION,
     "int8_lanes": _PRECISION,
+    "paired_lanes": _PRECISION,
     "with_precision": _PRECISION,
 }
 __all__ = sorted(_API)

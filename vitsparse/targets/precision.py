@@ -3,8 +3,9 @@
     fp32  every target
     int8  x86 CPUs with AVX2 (int8 values in int16 pairs through `vpmaddwd`, 8 lanes; 16 with
           AVX-512BW). ARM (sdot) and CUDA (dp4a) int8 kernels are not built yet: refused.
-    bf16  needs avx512_bf16 (vdpbf16ps) on x86; fp16 needs ARMv8.2 FP16 or CUDA. Neither has
-          kernels yet: refused, naming what the target lacks where it lacks it.
+    bf16  x86 CPUs with AVX512-BF16 (`vdpbf16ps`, 16 lanes); refused elsewhere, naming what the
+          target lacks (ARM and CUDA bf16 kernels are not built yet).
+    fp16  needs ARMv8.2 FP16 or CUDA; no kernels yet: refused, naming what the target lacks.
 
 `check_precision` is the one place that decides; jobs call it before any import, so a bad pair
 fails fast with a TargetError that names the precision, the target and the reason.
@@ -19,7 +20,14 @@ from vitsparse._tvm import tvm
 from vitsparse.errors import TargetError
 from vitsparse.targets.presets import TargetSpec
 
-__all__ = ["DEFAULT_PRECISION", "PRECISIONS", "check_precision", "int8_lanes", "with_precision"]
+__all__ = [
+    "DEFAULT_PRECISION",
+    "PRECISIONS",
+    "check_precision",
+    "int8_lanes",
+    "paired_lanes",
+    "with_precision",
+]
 
 
 def _has(target, feature: str) -> bool:
@@ -51,6 +59,22 @@ def int8_lanes(spec: TargetSpec) -> int:
     return 8 if _has(target, "avx2") else 0
 
 
+def bf16_lanes(spec: TargetSpec) -> int:
+    """float32 lanes of the bf16 kernels on ``spec`` (16 with AVX512-BF16), else 0."""
+    target = spec.target
+    ok = _is_x86(target) and _has(target, "avx512bf16") and _has(target, "avx512bw")
+    return 16 if ok else 0
+
+
+def paired_lanes(spec: TargetSpec, precision: str) -> int:
+    """Lanes of ``precision``'s paired kernels on ``spec`` (0 for fp32, or where it has none)."""
+    if precision == "int8":
+        return int8_lanes(spec)
+    if precision == "bf16":
+        return bf16_lanes(spec)
+    return 0
+
+
 def check_precision(spec: TargetSpec, precision: str) -> str:
     """``precision`` if ``spec`` compiles it, else a TargetError saying why not."""
     if precision not in PRECISIONS:
@@ -69,12 +93,16 @@ def check_precision(spec: TargetSpec, precision: str) -> str:
             "(ARM sdot and CUDA dp4a kernels are not built yet)"
         )
     if precision == "bf16":
-        if _is_x86(target) and not _has(target, "avx512bf16"):
+        if bf16_lanes(spec):
+            return precision
+        if _is_x86(target):
             raise TargetError(
                 f"bf16 needs avx512_bf16 (vdpbf16ps) and {where} lacks it; "
                 "use int8 or fp32 on this target"
             )
-        raise TargetError(f"bf16 kernels are not built yet for {where}; use int8 or fp32")
+        raise TargetError(
+            f"bf16 kernels exist for x86 CPUs with avx512_bf16 only; {where} is not one (use fp32)"
+        )
     if _is_x86(target):
         raise TargetError(
             f"fp16 arithmetic needs ARMv8.2 FP16 or a CUDA GPU; {where} is an x86 CPU "

@@ -1,0 +1,490 @@
+"""Linear-layer kernels whose multiply-add takes pairs of inputs, for x86 CPUs: int8 and bf16.
+
+    int8   Y = epilogue(float(Xq @ Wq^T) * S + b), the sums exact in int32
+    bf16   Y = epilogue(X_bf16 @ W_bf16^T + b), the sums in float32 (S = 1)
+
+int8: the values are int8 (activations quantized per tensor, weights per output channel, both
+symmetric in [-127, 127]; `vitsparse.plan.quantize`), stored as int16, so that each multiply is
+`vpmaddwd`: two int16 pairs per int32 lane, multiplied and added in one instruction, with no
+saturation (the unsigned-by-signed byte multiply, `vpmaddubsw`, saturates its int16 pair sums on
+int8 x int8 data). One ``lanes``-wide `vpmaddwd` does ``2 * lanes`` multiply-adds: twice an fp32
+FMA of the same width. On CPUs with AVX512-VNNI, LLVM fuses it with the add into `vpdpwssd`.
+
+bf16: the values are bfloat16 (rounded to nearest even from float32), stored as their uint16
+bits, and each multiply is AVX512-BF16's `vdpbf16ps`: per float32 lane, the products of two
+bf16 pairs added to the sum. TVM lowers every bfloat16 value to float32 arithmetic, and LLVM's
+intrinsic takes ``<32 x bfloat>``, which TIR cannot spell; so the kernels call a three-line
+LLVM IR function (``_DPBF16PS_IR``, linked in through ``pragma_import_llvm`` and inlined) that
+bit-casts the int32 words it is given to bf16 vectors. A bf16 kernel's X is uint16 bits.
+
+Layouts (both precisions). ``X`` is (M, K) with K even (the pass pads an odd K with a zero
+column). The dense weight is packed at compile time into panels of ``lanes`` output columns
+holding pairs of input columns, ``Wp[n // L, k // 2, n % L, k % 2] = W[n, k]``, so one k pair of
+a panel is one vector. ``S[n]`` dequantizes int8's sums (``s_x * s_w[n]``; ones for bf16). A BSR
+weight keeps, per kept block, the same pairing inside the block:
+``data[b, j // 2, i, j % 2] = W[r*rows + i, c*cols + j]``.
+
+Kernels.
+- `dense_primfunc` + `schedule_dense_cpu`: the fp32 dense kernel's template (parallel row x
+  column tiles, a register tile of ``row_tile x col_vectors`` accumulators, k unrolled), with
+  the innermost (lane, pair) loops tensorized (``INTRINSICS``).
+- `bsr_primfunc`: no epilogue (a GELU after it stays a separate fast-math kernel), written
+  scheduled (a loop over a block-row's kept blocks read from ``indptr``), since the tensorized
+  body and a data-dependent loop bound cannot both come out of TVM's schedule primitives:
+  parallel over (row tile, block-row) tasks, ``row_tile x rows / L`` accumulators, one pair
+  multiply-add per (row, vector, column pair).
+int8 takes ``lanes`` 8 (AVX2, 256-bit) or 16 (AVX-512BW, 512-bit); bf16 takes 16.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from vitsparse._tvm import Schedule, T, TensorIntrin, te, tir, topi, tvm
+from vitsparse.schedules import dense
+
+KERNEL_ATTR = "vitsparse.kernel"
+PRECISIONS = ("int8", "bf16")
+DENSE_KERNELS = {"int8": "int8-dense", "bf16": "bf16-dense"}
+BSR_KERNELS = {"int8": "int8-bsr", "bf16": "bf16-bsr"}
+EPILOGUES = ("none", "gelu")
+LANES = {"int8": (8, 16), "bf16": (16,)}
+STORAGE = {"int8": "int16", "bf16": "uint16"}  # how X and W are stored
+ACCUMULATOR = {"int8": "int32", "bf16": "float32"}
+_PMADDWD = {8: "llvm.x86.avx2.pmadd.wd", 16: "llvm.x86.avx512.pmaddw.d.512"}
+INTRINSICS = {
+    ("int8", 8): "vitsparse_pmaddwd_8x2",
+    ("int8", 16): "vitsparse_pmaddwd_16x2",
+    ("bf16", 16): "vitsparse_dpbf16ps_16x2",
+}
+_DPBF16PS = "vitsparse_dpbf16ps"
+# acc + the bf16 pair products of a and b, given as int32 words (two bf16 per word).
+_DPBF16PS_IR = f"""
+define linkonce_odr <16 x float> @{_DPBF16PS}(<16 x float> %acc, <16 x i32> %a, <16 x i32> %b)
+    alwaysinline {{
+  %x = bitcast <16 x i32> %a to <32 x bfloat>
+  %y = bitcast <16 x i32> %b to <32 x bfloat>
+  %r = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %acc, <32 x bfloat> %x,
+                                                            <32 x bfloat> %y)
+  ret <16 x float> %r
+}}
+declare <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float>, <32 x bfloat>, <32 x bfloat>)
+"""
+IMPORT_PRAGMA = "pragma_import_llvm"
+
+
+def lanes_for(target) -> int:
+    """int32 lanes of the widest `vpmaddwd` ``target`` has (16 with AVX-512BW, 8 with AVX2);
+    0 where it has neither."""
+    has = tvm.target.codegen.target_has_features
+    if target is None or target.kind.name != "llvm":
+        return 0
+    if has("avx512bw", target):
+        return 16
+    if has("avx2", target):
+        return 8
+    return 0
+
+
+def register_intrinsics() -> None:
+    """Register the pair multiply-add tensor intrinsics with TVM (once per process)."""
+    for (precision, lanes), name in INTRINSICS.items():
+        if TensorIntrin.get(name, allow_missing=True) is None:
+            TensorIntrin.register(name, *_intrinsic(precision, lanes))
+
+
+def _value(stored, precision: str):
+    """A stored X or W element as the number it multiplies with (int32, or float32 from its
+    bf16 bits)."""
+    if precision == "int8":
+        return tir.Cast("int32", stored)
+    bits = tir.shift_left(tir.Cast("uint32", stored), tir.const(16, "uint32"))
+    return tir.reinterpret("float32", bits)
+
+
+def _pair_mac(precision: str, lanes: int, acc, words, weights):
+    """``acc`` plus the pair products of ``words`` and ``weights`` (``lanes`` int32 words, each
+    holding one pair of stored values): `vpmaddwd` + add, or `vdpbf16ps`."""
+    if precision == "int8":
+        half = f"int16x{2 * lanes}"
+        return acc + tir.call_llvm_pure_intrin(
+            f"int32x{lanes}",
+            _PMADDWD[lanes],
+            tir.reinterpret(half, words),
+            tir.reinterpret(half, weights),
+        )
+    return tir.call_extern(f"float32x{lanes}", _DPBF16PS, acc, words, weights)
+
+
+def _intrinsic(precision: str, lanes: int):
+    storage, accumulator = STORAGE[precision], ACCUMULATOR[precision]
+    vector = f"{accumulator}x{lanes}"
+
+    @T.prim_func(s_tir=True)
+    def desc(
+        a: T.Buffer((2,), storage, offset_factor=1),
+        b: T.Buffer((lanes, 2), storage, offset_factor=1),
+        c: T.Buffer((lanes,), accumulator, offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(c[0:lanes], a[0:2], b[0:lanes, 0:2])
+            T.writes(c[0:lanes])
+            for i in T.serial(0, lanes):
+                for k in T.serial(0, 2):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        c[vi] = c[vi] + _value(a[vk], precision) * _value(b[vi, vk], precision)
+
+    @T.prim_func(s_tir=True)
+    def impl(
+        a: T.Buffer((2,), storage, offset_factor=1),
+        b: T.Buffer((lanes, 2), storage, offset_factor=1),
+        c: T.Buffer((lanes,), accumulator, offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(c[0:lanes], a[0:2], b[0:lanes, 0:2])
+            T.writes(c[0:lanes])
+            pair = T.reinterpret(a.vload([0], f"{storage}x2"), dtype="int32")
+            c[T.ramp(T.int32(0), 1, lanes)] = _pair_mac(
+                precision,
+                lanes,
+                c.vload([0], dtype=vector),
+                T.broadcast(pair, lanes),
+                T.reinterpret(
+                    b.vload([0, 0], dtype=f"{storage}x{2 * lanes}"), dtype=f"int32x{lanes}"
+                ),
+            )
+
+    return desc, impl
+
+
+def _check(precision: str, lanes: int) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
+    if lanes not in LANES[precision]:
+        raise ValueError(f"{precision} kernels take lanes {LANES[precision]}, not {lanes}")
+
+
+# -- weights ------------------------------------------------------------------------------------
+
+
+def stored(values: np.ndarray) -> np.ndarray:
+    """Values as the kernels store them: int8 -> int16; bf16 bits (uint16) as they are."""
+    if values.dtype == np.int8:
+        return values.astype(np.int16)
+    if values.dtype == np.uint16:
+        return values
+    raise TypeError(f"paired kernels take int8 values or bf16 bits (uint16), not {values.dtype}")
+
+
+def pack_dense(values: np.ndarray, lanes: int) -> np.ndarray:
+    """(N, K) int8 values or bf16 bits -> (N / L, K / 2, L, 2) panels (N % L == 0, K even)."""
+    n, k = values.shape
+    return np.ascontiguousarray(
+        stored(values).reshape(n // lanes, lanes, k // 2, 2).transpose(0, 2, 1, 3)
+    )
+
+
+@dataclass(frozen=True)
+class PairedBSRWeight:
+    """The kept blocks of an int8 or bf16 weight: ``data`` (nnzb, cols / 2, rows, 2) in the
+    stored dtype, with the BSR ``indices``/``indptr`` of `vitsparse.schedules.bsr`."""
+
+    shape: tuple[int, int]
+    block: tuple[int, int]
+    data: np.ndarray
+    indices: np.ndarray
+    indptr: np.ndarray
+
+
+def pack_bsr(values: np.ndarray, kept: np.ndarray, block: tuple[int, int]) -> PairedBSRWeight:
+    """Pack the kept ``rows x cols`` blocks of the (N, K) int8 values or bf16 bits ``values``
+    (``kept``: the (N / rows, K / cols) block bitmap)."""
+    n, k = values.shape
+    rows, cols = block
+    values = stored(values)
+    blocks = values.reshape(n // rows, rows, k // cols, cols // 2, 2)
+    r_idx, c_idx = np.nonzero(kept)
+    data = np.ascontiguousarray(blocks.transpose(0, 2, 3, 1, 4)[r_idx, c_idx])
+    indices = c_idx.astype(np.int32)
+    if data.shape[0] == 0:  # buffers cannot be empty
+        data = np.zeros((1, cols // 2, rows, 2), values.dtype)
+        indices = np.zeros(1, np.int32)
+    indptr = np.zeros(n // rows + 1, np.int32)
+    np.cumsum(kept.sum(axis=1), out=indptr[1:])
+    return PairedBSRWeight((n, k), (rows, cols), data, indices, indptr)
+
+
+# -- dense --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PairedDenseShape:
+    """One dense workload: M rows, K inputs (even), N outputs (a multiple of ``lanes``)."""
+
+    m: int
+    k: int
+    n: int
+    epilogue: str = "none"
+    row_tile: int = 6
+    lanes: int = 8
+    precision: str = "int8"
+
+    def __post_init__(self):
+        if self.epilogue not in EPILOGUES:
+            raise ValueError(f"epilogue {self.epilogue!r} is not one of {EPILOGUES}")
+        _check(self.precision, self.lanes)
+        if self.n % self.lanes or self.k % 2:
+            raise ValueError(f"N={self.n} must be a multiple of {self.lanes}, K={self.k} even")
+
+    @property
+    def padded_m(self) -> int:
+        return math.ceil(self.m / self.row_tile) * self.row_tile
+
+
+def _epilogue(acc, scale, bias, m: int, n: int, epilogue: str):
+    gelu = epilogue == "gelu"
+    pre = te.compute(
+        (m, n),
+        lambda i, j: acc[i, j].astype("float32") * scale[j] + bias[j],
+        name="dequant" if gelu else "epilogue",
+    )
+    if not gelu:
+        return pre
+    # Exact-erf GELU with TVM's fast erf, as the fp32 kernels.
+    erf = topi.fast_erf(te.compute((m, n), lambda i, j: pre[i, j] * 0.7071067811865476))
+    return te.compute((m, n), lambda i, j: pre[i, j] * (0.5 + 0.5 * erf[i, j]), name="epilogue")
+
+
+def dense_primfunc(shape: PairedDenseShape) -> tir.PrimFunc:
+    """Unscheduled PrimFunc (X, Wp, S, B) -> Y for one dense workload."""
+    m, k_dim, n, lanes, precision = shape.m, shape.k, shape.n, shape.lanes, shape.precision
+    storage = STORAGE[precision]
+    x = te.placeholder((m, k_dim), storage, name="X")
+    w = te.placeholder((n // lanes, k_dim // 2, lanes, 2), storage, name="W")
+    scale = te.placeholder((n,), "float32", name="S")
+    bias = te.placeholder((n,), "float32", name="B")
+    k = te.reduce_axis((0, k_dim), "k")
+    acc = te.compute(
+        (shape.padded_m, n),
+        lambda i, j: te.sum(
+            _value(x[te.min(i, m - 1), k], precision)
+            * _value(w[j // lanes, k // 2, j % lanes, k % 2], precision),
+            axis=k,
+        ),
+        name="dense",
+    )
+    y = _epilogue(acc, scale, bias, m, n, shape.epilogue)
+    func = te.create_prim_func([x, w, scale, bias, y]).without_attr("global_symbol")
+    return func.with_attrs(
+        {
+            KERNEL_ATTR: DENSE_KERNELS[precision],
+            "vitsparse.row_tile": shape.row_tile,
+            "vitsparse.epilogue": shape.epilogue,
+            "vitsparse.lanes": lanes,
+        }
+    )
+
+
+def _precision_of(func, kernels: dict) -> str | None:
+    if not isinstance(func, tir.PrimFunc) or func.attrs is None:
+        return None
+    kind = func.attrs.get(KERNEL_ATTR)
+    return next((p for p, name in kernels.items() if kind == name), None)
+
+
+def dense_shape_of(func: tir.PrimFunc) -> PairedDenseShape:
+    x_buf, y_buf = func.params[0], func.params[4]
+    return PairedDenseShape(
+        m=int(x_buf.shape[0]),
+        k=int(x_buf.shape[1]),
+        n=int(y_buf.shape[1]),
+        epilogue=str(func.attrs["vitsparse.epilogue"]),
+        row_tile=int(func.attrs["vitsparse.row_tile"]),
+        lanes=int(func.attrs["vitsparse.lanes"]),
+        precision=_precision_of(func, DENSE_KERNELS),
+    )
+
+
+@dataclass(frozen=True)
+class PairedDenseKnobs:
+    col_vectors: int  # vectors of ``lanes`` accumulators per register tile
+    k_unroll: int  # k pairs per unrolled step
+
+
+def default_dense_knobs(shape: PairedDenseShape) -> PairedDenseKnobs:
+    """~12-16 accumulator registers: row_tile x col_vectors, as wide as N allows."""
+    vectors = shape.n // shape.lanes
+    col = max(1, min(4 if shape.lanes == 8 else 2, 16 // shape.row_tile))
+    while vectors % col:
+        col -= 1
+    pairs = shape.k // 2
+    unroll = next(u for u in (4, 2, 1) if pairs % u == 0)
+    return PairedDenseKnobs(col_vectors=col, k_unroll=unroll)
+
+
+def schedule_dense_cpu(sch: Schedule, knobs: PairedDenseKnobs | None = None) -> None:
+    """The CPU template on the dense kernel in ``sch`` (``knobs`` None: sampled)."""
+    register_intrinsics()
+    shape = dense_shape_of(sch.mod["main"])
+    lanes = shape.lanes
+    col_vectors = None if knobs is None else knobs.col_vectors
+    acc = dense.tile_output(sch, shape.row_tile, lanes, shape.n // lanes, col_vectors)
+    a_i, a_j, a_k = sch.get_loops(acc)[-3:]
+    a_v, a_lane = sch.split(a_j, [None, lanes])
+    k_pair, k_in = sch.split(a_k, [None, 2])
+    k_dec = None if knobs is None else [shape.k // 2 // knobs.k_unroll, knobs.k_unroll]
+    k_o, k_u = sch.split(
+        k_pair, sch.sample_perfect_tile(k_pair, n=2, max_innermost_factor=8, decision=k_dec)
+    )
+    sch.reorder(k_o, k_u, a_i, a_v, a_lane, k_in)
+    init = sch.decompose_reduction(acc, k_o)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.tensorize(a_lane, INTRINSICS[(shape.precision, lanes)])
+    sch.unroll(a_v)
+    sch.unroll(a_i)
+    sch.unroll(k_u)
+    if shape.precision == "bf16":  # the parallel loop: linked once per kernel
+        sch.annotate(sch.get_loops(sch.get_sblock("epilogue"))[0], IMPORT_PRAGMA, _DPBF16PS_IR)
+
+
+def is_dense_kernel(func) -> bool:
+    return _precision_of(func, DENSE_KERNELS) is not None
+
+
+def scheduled_dense(shape: PairedDenseShape, knobs: PairedDenseKnobs | None = None) -> tir.PrimFunc:
+    """The dense kernel of ``shape`` with its default schedule, as ``main``."""
+    sch = Schedule(dense_primfunc(shape).with_attr("global_symbol", "main"))
+    schedule_dense_cpu(sch, knobs or default_dense_knobs(shape))
+    return sch.mod["main"]
+
+
+# -- BSR ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PairedBSRShape:
+    """One BSR workload: M rows, K inputs, N outputs, the block, the stored block count."""
+
+    m: int
+    k: int
+    n: int
+    block: tuple[int, int]
+    nnzb: int
+    row_tile: int = 4
+    lanes: int = 8
+    precision: str = "int8"
+
+    def __post_init__(self):
+        _check(self.precision, self.lanes)
+        rows, cols = self.block
+        if rows % self.lanes or cols % 2 or self.n % rows or self.k % cols:
+            raise ValueError(
+                f"block {rows}x{cols} on {self.n}x{self.k}: rows must be a multiple of "
+                f"{self.lanes} lanes, cols even, and the block must tile the weight"
+            )
+
+    @property
+    def padded_m(self) -> int:
+        return math.ceil(self.m / self.row_tile) * self.row_tile
+
+
+def bsr_lanes(precision: str, lanes: int, block: tuple[int, int], k: int) -> int:
+    """The lanes of the BSR kernel of ``precision`` for ``block`` on a K-input weight, given the
+    target's widest ``lanes``; 0 where no BSR kernel fits (block rows not a multiple of a lane
+    width, odd block columns or K)."""
+    rows, cols = block
+    if cols % 2 or k % 2:
+        return 0
+    fits = [width for width in LANES[precision] if width <= lanes and rows % width == 0]
+    return max(fits, default=0)
+
+
+def choose_bsr_row_tile(rows: int, lanes: int, m: int) -> int:
+    """Register-tile height: ``tile x rows / L`` accumulators in ~12 of 16 (AVX2) or 24 of 32
+    (AVX-512) registers, at most 16 rows, the height among the top three that pads ``m`` least.
+    Tall tiles matter: each row's sums are one dependency chain, and 6 chains left the 16-row
+    blocks' kernels waiting on `vdpbf16ps`/`vpdpwssd` latency (on a znver4, 16 rows took about
+    half the time of 6 on deit_tiny's fc1 at 50%)."""
+    budget = 12 if lanes == 8 else 24
+    tile = max(1, min(16, budget // (rows // lanes)))
+    candidates = range(max(1, tile - 2), tile + 1)
+    return min(candidates, key=lambda t: (math.ceil(m / t) * t - m, -t))
+
+
+def bsr_primfunc(shape: PairedBSRShape) -> tir.PrimFunc:
+    """The scheduled BSR kernel (X, data, indices, indptr, S, B) -> Y; X has ``padded_m`` rows
+    (the rows past M are read, never written back)."""
+    m, k, n, lanes, precision = shape.m, shape.k, shape.n, shape.lanes, shape.precision
+    rows, cols = shape.block
+    pairs, vectors, tile = cols // 2, rows // lanes, shape.row_tile
+    k_words, padded_m = k // 2, shape.padded_m
+    tiles, block_rows, nnzb = shape.padded_m // tile, n // rows, shape.nnzb
+    storage, accumulator = STORAGE[precision], ACCUMULATOR[precision]
+    zero = tir.const(0, accumulator)
+
+    @T.prim_func(s_tir=True)
+    def kernel(
+        x: T.Buffer((padded_m, k), storage),
+        data: T.Buffer((nnzb, pairs, rows, 2), storage),
+        indices: T.Buffer((nnzb,), "int32"),
+        indptr: T.Buffer((block_rows + 1,), "int32"),
+        scale: T.Buffer((n,), "float32"),
+        bias: T.Buffer((n,), "float32"),
+        y: T.Buffer((m, n), "float32"),
+    ):
+        T.func_attr({"tirx.noalias": True})
+        x32 = T.decl_buffer((padded_m * k_words,), "int32", data=x.data)
+        w32 = T.decl_buffer((nnzb * pairs * rows,), "int32", data=data.data)
+        for task in T.parallel(tiles * block_rows):
+            acc = T.decl_buffer((tile * rows,), accumulator, scope="local")
+            t = task // block_rows
+            r = task % block_rows
+            for i in T.unroll(tile):
+                for v in T.unroll(vectors):
+                    acc[T.ramp((i * vectors + v) * lanes, 1, lanes)] = T.broadcast(zero, lanes)
+            for b in T.serial(indptr[r], indptr[r + 1]):
+                c = indices[b]
+                for p in T.unroll(pairs):  # a weight vector loaded once, for every row of the tile
+                    for v in T.unroll(vectors):
+                        weights = w32[T.ramp((b * pairs + p) * rows + v * lanes, 1, lanes)]
+                        for i in T.unroll(tile):
+                            # X's int32 word (row, column pair): a constant offset from the
+                            # task's row and the block's column (X comes padded to whole tiles)
+                            word = T.broadcast(x32[(t * tile + i) * k_words + c * pairs + p], lanes)
+                            base = (i * vectors + v) * lanes
+                            acc[T.ramp(base, 1, lanes)] = _pair_mac(
+                                precision, lanes, acc[T.ramp(base, 1, lanes)], word, weights
+                            )
+            # Unrolled, and read in the same lanes-wide vectors the sums were added in: then
+            # LLVM keeps the sums in registers (mixed vector widths would pin them in memory).
+            for i in T.unroll(tile):
+                if t * tile + i < m:
+                    for v in T.unroll(vectors):
+                        for lane in T.vectorized(lanes):
+                            y[t * tile + i, r * rows + v * lanes + lane] = (
+                                T.cast(acc[(i * vectors + v) * lanes + lane], "float32")
+                                * scale[r * rows + v * lanes + lane]
+                                + bias[r * rows + v * lanes + lane]
+                            )
+
+    if precision == "bf16":  # link bf16's multiply-add in, once per kernel
+        pragma = tvm.ir.StringImm(_DPBF16PS_IR)
+        kernel = kernel.with_body(
+            tir.AttrStmt(tir.const(0, "int32"), IMPORT_PRAGMA, pragma, kernel.body)
+        )
+    return kernel.without_attr("global_symbol").with_attrs(
+        {
+            KERNEL_ATTR: BSR_KERNELS[precision],
+            "tirx.is_scheduled": True,
+            "vitsparse.row_tile": tile,
+            "vitsparse.lanes": lanes,
+        }
+    )
+
+
+def is_bsr_kernel(func) -> bool:
+    return _precision_of(func, BSR_KERNELS) is not None
