@@ -166,14 +166,14 @@ def prepare(
     BlockSparsify's per-layer choices while the pipeline runs."""
     if precision is None:
         precision = "fp32" if quantization is None else "int8"
-    bf16_layers: tuple[str, ...] = ()
-    if precision == "bf16":
-        bf16_layers = tuple(quantized_layers(_reduced_model(imported, precision, plan)))
     if plan is not None:
         if imported.torch_model is not None:
             validate_plan(plan, imported.torch_model)
         else:  # an ONNX import: block masks of its layers, for its weights
             validate_onnx_plan(plan, imported)
+    bf16_layers: tuple[str, ...] = ()
+    if precision == "bf16":  # after validation: a bad plan is named as such, not as a failure
+        bf16_layers = tuple(quantized_layers(_reduced_model(imported, precision, plan)))
     config = pipeline.PipelineConfig(
         target=spec.target,
         schedule_family=spec.schedule_family,
