@@ -169,6 +169,29 @@ def _tune_until(cmd, log, db, ready, timeout=240.0) -> int:
     return _records(db)
 
 
+def test_each_batch_is_committed_before_the_next_kernel_is_picked():
+    """The scheduler behind the kill -9 guarantee, on a stand-in for MetaSchedule's loop: the
+    kernel just sent is joined (measured and committed) before the next pick, picks follow the
+    weights, and a finished kernel is neither joined nor picked again."""
+    from types import SimpleNamespace
+
+    from vitsparse.schedules.tuning import CommitEachBatch
+
+    events = []
+    tasks = [SimpleNamespace(is_terminated=False) for _ in range(2)]
+    loop = CommitEachBatch([2.0, 1.0])
+    loop._scheduler = SimpleNamespace(tasks_=tasks, join_running_task=lambda i: events.append(i))
+    picks = []
+    for _ in range(3):
+        picks.append(loop.next_task_id())
+    assert picks == [0, 1, 0] and events == [0, 1]  # twice the weight, twice the batches
+    tasks[0].is_terminated = True
+    assert loop.next_task_id() == 1 and events == [0, 1]  # kernel 0 ended: not joined again
+    tasks[1].is_terminated = True
+    assert loop.next_task_id() == -1 and events == [0, 1]
+
+
+@pytest.mark.slow  # four minutes of real tuning; the scheduler's order is tested above
 def test_kill_9_during_tune_loses_at_most_the_batch_in_flight(tmp_path):
     """A real `vitsparse tune` killed with SIGKILL while seeding and again while searching:
     every searched batch is committed before the next is sent, so the records grow between
@@ -176,7 +199,7 @@ def test_kill_9_during_tune_loses_at_most_the_batch_in_flight(tmp_path):
     and the last run resumes from them and finishes the budget."""
     db = tmp_path / "db"
     cmd = [sys.executable, "-m", "vitsparse.cli", "tune", "vitsparse/digits_vit", "--db", str(db)]
-    cmd += ["--trials", "24"]
+    cmd += ["--trials", "16"]  # two batches of 8: one committed before the second kill
     counts = [_tune_until(cmd, tmp_path / "1.log", db, lambda _text, n: n >= 2)]
     for i in (2,):
         state = {}
@@ -193,7 +216,7 @@ def test_kill_9_during_tune_loses_at_most_the_batch_in_flight(tmp_path):
     final = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert final.returncode == 0, final.stdout[-3000:] + final.stderr[-3000:]
     counts.append(_records(db))
-    assert final.stdout.count("(budget 24 trials)") == 1  # the summary, printed once
+    assert final.stdout.count("(budget 16 trials)") == 1  # the summary, printed once
     assert counts == sorted(counts) and counts[0] < counts[1] < counts[2], counts
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert "already spent" in again.stderr, again.stderr[-2000:]  # progress goes to stderr
