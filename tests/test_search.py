@@ -387,3 +387,53 @@ def test_an_energy_budget_searches_in_millijoules(tmp_path, digits, monkeypatch)
     assert (
         report.chosen["measured"] <= report.limit == pytest.approx(0.6 * report.dense["energy_mj"])
     )
+
+
+def test_an_int8_search_compiles_checks_and_judges_its_candidates_in_int8(tmp_path, digits):
+    """--precision int8: candidates calibrated, compiled and checked in int8 against the int8
+    PyTorch model (not fp32), measured against the fp32 dense model; the journal records the
+    precision, so neither an fp32 re-run nor a journal without it resumes into the other."""
+    out = tmp_path / "int8"
+    common = dict(
+        # loose: the digits ViT's int8 layers are too small to gain, its 0.4 ms noisy, and
+        # this test is about the precision, not convergence (tested above)
+        budget="latency=0.95",
+        out=out,
+        methods=("magnitude-structure",),
+        data="digits",
+        calib_size=16,
+        eval_size=64,
+        iterations=4,
+        cost_table=_analytic_table(digits, 1.0),
+        progress=None,
+    )
+    report = search(MODEL, precision="int8", **common)
+    assert report.precision == "int8" and "candidates in int8" in report.summary()
+    assert report.candidates
+    for c in report.candidates:
+        assert c["precision"] == "int8" and c["correct"], c
+        # held to the int8 reference, far closer than that reference is to fp32
+        assert c["max_abs_err"] < 0.3 * c["reference_vs_fp32"], c
+    assert "precision" not in report.dense  # the dense model they are measured against: fp32
+    # the methods start from the unpruned int8 model, measured and checked like a candidate
+    assert report.start["precision"] == "int8" and report.start["correct"]
+    assert report.start["ratios"] and "unpruned int8" in report.summary()
+    # its quality is the int8 model's, not the fp32 pruned model's
+    from vitsparse.data.sources import load_images
+    from vitsparse.plan import PruningPlan
+    from vitsparse.pruning.evaluate import evaluate
+
+    held_out = load_images("digits", image_size=digits.patch_embed.img_size[0], limit=64)
+    fp32 = evaluate(digits, held_out, PruningPlan.load(out / "plan.json"))
+    assert report.chosen["mean_kl"] != pytest.approx(fp32.mean_kl, rel=1e-3)
+    manifest = json.loads((out / "artifact" / "manifest.json").read_text())
+    assert manifest["precision"] == "int8"
+    with pytest.raises(SearchError, match="another precision"):
+        search(MODEL, precision="fp32", **common)
+    journal = out / JOURNAL
+    header, *rest = [json.loads(line) for line in journal.read_text().splitlines()]
+    assert header["kind"] == "header" and header["precision"] == "int8"
+    del header["precision"]  # a journal from before precisions: it was an fp32 search
+    journal.write_text("".join(json.dumps(e) + "\n" for e in (header, *rest)))
+    with pytest.raises(SearchError, match="another precision .*'fp32'"):
+        search(MODEL, precision="int8", **common)

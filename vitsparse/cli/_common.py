@@ -44,15 +44,19 @@ def target_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cuda-arch", metavar="sm_XX", help="CUDA arch for --target cuda")
 
 
-def precision_args(p: argparse.ArgumentParser) -> None:
+def precision_args(p: argparse.ArgumentParser, calib: str | None = None) -> None:
+    """--precision, with --calib and --calib-size unless ``calib`` names where int8's
+    calibration images come from instead."""
     p.add_argument(
         "--precision",
         choices=PRECISIONS,
         default=DEFAULT_PRECISION,
         help="numeric precision of the blocks' linear layers (default fp32): bf16 (x86 with "
-        "avx512_bf16) or int8 (x86 with AVX2, calibrated on --calib); refused, with the reason, "
-        "where the target lacks it",
+        f"avx512_bf16) or int8 (x86 with AVX2, calibrated on {calib or '--calib'}); refused, "
+        "with the reason, where the target lacks it",
     )
+    if calib is not None:
+        return
     p.add_argument(
         "--calib",
         metavar="SRC",

@@ -8,6 +8,7 @@ import argparse
 from vitsparse.cli._common import (
     model_source,
     positive_int,
+    precision_args,
     rpc_args,
     rpc_device,
     say,
@@ -53,6 +54,7 @@ def add_parser(commands) -> None:
         "fidelity only)",
     )
     p.add_argument("--calib-size", type=positive_int, default=64, metavar="N")
+    precision_args(p, calib="--data's calibration images")
     p.add_argument("--eval-size", type=positive_int, default=256, metavar="N")
     p.add_argument(
         "--finetune-steps",
@@ -86,6 +88,7 @@ def run(args: argparse.Namespace) -> None:
         methods=args.methods,
         data=args.data,
         calib_size=args.calib_size,
+        precision=args.precision,
         eval_size=args.eval_size,
         finetune_steps=args.finetune_steps,
         iterations=args.iterations,

@@ -99,10 +99,16 @@ def compile_imported(
 
 
 def compile_resolved(
-    imported: ImportedModel, inputs: Inputs, *, dump_dir: str | Path | None = None
+    imported: ImportedModel,
+    inputs: Inputs,
+    *,
+    dump_dir: str | Path | None = None,
+    quantization: Quantization | None = None,
 ) -> CompiledModel:
-    """Compile ``imported`` with inputs a job resolved already (`resolve_inputs`)."""
-    quantization = quantization_for(imported, inputs)
+    """Compile ``imported`` with inputs a job resolved already (`resolve_inputs`); int8 with
+    ``quantization`` when given, else calibrated on the inputs' images."""
+    if quantization is None:
+        quantization = quantization_for(imported, inputs)
     mod, config, params = prepare(
         imported,
         inputs.spec,

@@ -19,6 +19,13 @@
    (quality vs measured latency/energy) as markdown and PNG, the chosen plan (the most accurate
    within budget) and its compiled artifact. Re-running with the same OUT resumes: a candidate in
    the journal is not measured again.
+
+With ``precision`` bf16 or int8 the candidates compile in that precision (int8 calibrated on the
+data's calibration part, for each plan) while the dense model they are measured against stays
+fp32: a relative budget is of the fp32 model, so the precision's speed counts toward it and
+less has to be pruned. The unpruned model in the precision is measured first: the methods start
+from it and it fits the cost model's correction. A candidate is checked against the PyTorch
+model of its computation (`plan.quantize.reference_model`) and its quality is that model's.
 """
 
 from __future__ import annotations
@@ -50,9 +57,11 @@ from vitsparse.jobs.finetune_report import MODEL_FILE, PLAN_FILE
 from vitsparse.jobs.profile import profile
 from vitsparse.jobs.profile_grids import Grid
 from vitsparse.plan import PruningPlan, apply_plan_to_torch, geometry_of, weights_hash
+from vitsparse.plan.quantize import Quantization, reference_model
 from vitsparse.pruning.budget import Budget, MeasuredBudget
+from vitsparse.pruning.calibrate import calibrate
 from vitsparse.pruning.criteria import make_plan
-from vitsparse.pruning.evaluate import compare, evaluate
+from vitsparse.pruning.evaluate import compare
 from vitsparse.pruning.latency import LatencyModel
 from vitsparse.targets.cost_table import CostTable
 
@@ -63,6 +72,7 @@ JOURNAL = "journal.jsonl"
 FORMAT = "vitsparse-search/1"
 TIMING = Timing(repeat=5, number=1, warmup=3, min_repeat_ms=25)  # each sample 25 ms or more
 ROUNDS = 3  # a candidate's measurements, each after one of the dense model's
+REDUCED_TOLERANCE = 0.3  # of a bf16/int8 reference's distance from fp32 (see _Loop._measure)
 LOWEST = 0.02  # the smallest kept FLOPs fraction a method is asked for
 _KNOBS = {  # the knobs each method plans with in a search
     "magnitude": {"kind": "blocks"},
@@ -70,6 +80,7 @@ _KNOBS = {  # the knobs each method plans with in a search
 }
 _METHOD = {"magnitude-structure": "magnitude"}
 _PRICED = ("nvit", "lpvit", "combined")  # criteria that take the measured cost model
+_UNRECORDED = {"precision": "fp32"}  # identity fields of journals written before they existed
 
 
 @dataclass
@@ -89,6 +100,8 @@ class SearchReport:
     out: str = ""
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    precision: str = "fp32"  # the candidates' (the dense model's is fp32)
+    start: dict | None = None  # the unpruned model in that precision (None in fp32)
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -97,7 +110,13 @@ class SearchReport:
         lines = [
             f"search    {self.model} on {self.device}: {self.budget['text']} -> "
             f"{self.limit:.3f} {self.unit} (dense {self.dense['measured']:.3f} {self.unit})"
+            + ("" if self.precision == "fp32" else f"; candidates in {self.precision}")
         ]
+        if self.start is not None:
+            lines.append(
+                f"  unpruned {self.precision}: {self.start['measured']:.3f} {self.unit} "
+                f"({self.start['ratio_to_dense']:.2f} of dense)"
+            )
         for c in self.candidates:
             lines.append(f"  {_describe(c, self.unit)}")
         if self.chosen is None:
@@ -132,6 +151,7 @@ def search(
     timing: Timing = TIMING,
     energy_seconds: float = 1.0,
     priced: bool = True,
+    precision: str = "fp32",
     progress: Callable[[str], None] | None = print,
 ) -> SearchReport:
     """Search ``methods`` for the most accurate plan of ``source`` within ``budget`` measured on
@@ -139,7 +159,7 @@ def search(
 
     ``priced=False`` gives NViT, LPViT and combined the analytic FLOPs cost instead of the
     measured model (the loop still measures and re-plans): the control that shows what the
-    measured cost adds."""
+    measured cost adds. ``precision`` is the candidates' (see the module docstring)."""
     say = progress or (lambda _line: None)
     started = time.time()
     if isinstance(budget, str):
@@ -160,6 +180,12 @@ def search(
     if budget.threads is not None:
         set_num_threads(budget.threads)
     inputs = resolve_inputs(target=target, cuda_arch=cuda_arch, rpc=rpc)
+    # The candidates' precision, refused here where the target lacks it. int8's calibration
+    # images are the data's calibration part (`_Loop.quantization`), not a --calib source.
+    reduced = dataclasses.replace(
+        resolve_inputs(target=target, cuda_arch=cuda_arch, precision=precision, calib=str(data)),
+        rpc=rpc,
+    )
     spec = inputs.spec
     check_measurable(spec, rpc, "search")
     meter = _meter(budget, spec, rpc)
@@ -185,6 +211,7 @@ def search(
         "methods": list(methods),
         "finetune_steps": finetune_steps,
         "priced": priced,
+        "precision": precision,
     }
     # Checked before the (slow) cost table, then with it; written with the first measurement.
     journal.check_identity(identity)
@@ -197,6 +224,7 @@ def search(
     x = np.random.default_rng(0).standard_normal(imported.input_shape).astype(np.float32)
     say(
         f"[search] {source_label(source)} on {spec.key} ({device}): {budget.describe()}, "
+        f"{'' if precision == 'fp32' else precision + ' candidates, '}"
         f"methods {', '.join(methods)}; journal {journal.path}"
     )
     cost = LatencyModel(table)
@@ -205,6 +233,7 @@ def search(
         model_id,
         imported,
         inputs,
+        reduced,
         rpc,
         meter,
         budget,
@@ -224,7 +253,13 @@ def search(
     dense = loop.dense()
     limit = budget.absolute(dense["measured"])
     say(f"[search] dense: {dense['measured']:.3f} {budget.unit}; budget {limit:.3f} {budget.unit}")
+    start = loop.reduced_dense()
     notes = []
+    if start is not None and start["measured"] <= limit:
+        notes.append(
+            f"the unpruned {precision} model is within the budget already "
+            f"({start['measured']:.3f} {budget.unit})"
+        )
     for method in methods:
         notes += loop.run(method, limit, iterations)
     inside = [c for c in loop.candidates if c["under"] and c["correct"]]
@@ -253,6 +288,8 @@ def search(
         chosen=chosen,
         out=str(out),
         notes=notes,
+        precision=precision,
+        start=start,
     )
     loop.export_chosen(chosen)
     report.seconds = time.time() - started
@@ -300,7 +337,7 @@ class Journal:
         if header is None:  # a new journal: the header waits for the first entry
             self.header = {**(self.header or {"kind": "header"}), **identity}
             return
-        theirs = {k: header.get(k) for k in identity}
+        theirs = {k: header.get(k, _UNRECORDED.get(k)) for k in identity}
         differ = [k for k in identity if theirs[k] != identity[k]]
         if differ:
             raise SearchError(
@@ -327,16 +364,18 @@ class _Loop:
     """The per-method loop and what every candidate shares."""
 
     def __init__(
-        self, model, model_id, imported, inputs: Inputs, rpc, meter, budget, cost, journal, x,
-        timing, energy_seconds, calib, held_out, finetune_steps, data, out, say,
+        self, model, model_id, imported, inputs: Inputs, reduced: Inputs, rpc, meter, budget,
+        cost, journal, x, timing, energy_seconds, calib, held_out, finetune_steps, data, out, say,
     ):  # fmt: skip
         self.model, self.model_id, self.imported, self.inputs = model, model_id, imported, inputs
+        self.reduced = reduced  # the candidates' inputs: their precision (fp32: ``inputs``)
         self.rpc, self.meter, self.budget, self.cost = rpc, meter, budget, cost
         self.journal, self.x, self.timing, self.energy_seconds = journal, x, timing, energy_seconds
         self.calib, self.held_out, self.finetune_steps = calib, held_out, finetune_steps
         self.data, self.out, self.say = data, out, say
         self.candidates: list[dict] = []
         self.dense_measured = 0.0  # the dense model's measurement
+        self.start = 0.0  # the unpruned model's in the search's precision (fp32: the dense one)
         self._dense = None  # the dense model compiled (for the side-by-side measurements)
         self._last = None  # (plan digest, compiled) of the latest candidate
         self.priced = True  # whether the criteria that take a cost model get the measured one
@@ -345,23 +384,25 @@ class _Loop:
 
     # --- measuring --------------------------------------------------------------------------
 
-    def _measure(self, plan: PruningPlan | None) -> dict:
+    def _measure(self, plan: PruningPlan | None, *, in_precision: bool = False) -> dict:
         """Compile ``model`` pruned by ``plan``, check it against PyTorch, measure it: ``ROUNDS``
         measurements alternated with the dense model's, so that the ratio to dense holds while
         the machine drifts (on a busy host, back-to-back measurements of one model can differ
         by more than the window is wide). A relative budget is judged by that ratio
         (``measured`` is the ratio times the dense model's first measurement); an absolute one
-        by the median."""
+        by the median. ``in_precision``: the unpruned model (``plan`` None) in the search's
+        precision, measured like a candidate."""
         began = time.time()
-        key = None if plan is None else plan.digest()
+        alternate = plan is not None or in_precision  # (else: this is the fp32 dense model)
+        key = plan.digest() if plan is not None else ("unpruned" if in_precision else None)
         if self._last is not None and self._last[0] == key:
             compiled = self._last[1]
         else:
-            compiled = self._compile(plan)
+            compiled = self._compile(plan, in_precision=in_precision)
             self._last = (key, compiled)
         compile_s = time.time() - began
         began = time.time()
-        dense_exec = self._compile(None).executable if plan is not None else None
+        dense_exec = self._compile(None).executable if alternate else None
         own, ratios, output, where = [], [], None, ""
         for _ in range(ROUNDS):
             if dense_exec is not None:
@@ -374,8 +415,23 @@ class _Loop:
         torch_model = self.model if plan is None else apply_plan_to_torch(self.model, plan)
         with torch.no_grad():
             reference = torch_model.eval()(torch.from_numpy(self.x)).numpy()
-        err = float(np.abs(output - reference).max())
         tolerance = 1e-3 * max(1.0, float(np.abs(reference).max()))
+        if compiled.precision != "fp32":
+            # Held to the PyTorch model of its computation, within a third of that model's
+            # own distance from fp32 (what rounding-tie flips cannot reach; a wrong kernel
+            # does): `docs/architecture.md`, "Reduced precision".
+            fp32 = reference
+            model = reference_model(torch_model, compiled.precision, compiled.quantization)
+            with torch.no_grad():
+                reference = model.eval()(torch.from_numpy(self.x)).numpy()
+            tolerance = max(tolerance, REDUCED_TOLERANCE * float(np.abs(reference - fp32).max()))
+        err = float(np.abs(output - reference).max())
+        reduced = {}
+        if compiled.precision != "fp32":
+            reduced = {
+                "precision": compiled.precision,
+                "reference_vs_fp32": float(np.abs(reference - fp32).max()),
+            }
         energies = [m.energy_j * 1e3 for m in own if m.energy_j is not None]
         return self._settle(
             {
@@ -387,6 +443,7 @@ class _Loop:
                 "correct": err <= tolerance,
                 "compile_s": round(compile_s, 2),
                 "measure_s": round(time.time() - began, 2),
+                **reduced,
             }
         )
 
@@ -419,16 +476,30 @@ class _Loop:
         pooled["confirmed"] = True
         return pooled
 
-    def _compile(self, plan: PruningPlan | None):
-        """The compiled model (the dense one compiled once and kept)."""
-        if plan is None and self._dense is not None:
+    def _compile(self, plan: PruningPlan | None, *, in_precision: bool = False):
+        """The compiled model: a candidate (or, ``in_precision``, the unpruned model) in the
+        search's precision, the dense one in fp32 (compiled once and kept)."""
+        if plan is None and not in_precision:
+            if self._dense is None:
+                inputs = Inputs(self.inputs.spec, rpc=self.rpc)
+                self._dense = compile_resolved(self.imported, inputs)
             return self._dense
-        compiled = compile_resolved(
-            self.imported, Inputs(self.inputs.spec, plan=plan, rpc=self.rpc)
-        )
-        if plan is None:
-            self._dense = compiled
-        return compiled
+        inputs = dataclasses.replace(self.reduced, plan=plan)
+        pruned = self.model if plan is None else apply_plan_to_torch(self.model, plan)
+        return compile_resolved(self.imported, inputs, quantization=self.quantization(pruned))
+
+    def quantization(self, pruned: torch.nn.Module) -> Quantization | None:
+        """int8's activation scales of ``pruned`` (a plan applied), calibrated on the data's
+        calibration part; None in the other precisions."""
+        if self.reduced.precision != "int8":
+            return None
+        describe = {"source": f"{self.data} (the search's calibration images)"}
+        return calibrate(pruned, self.calib.images, describe=describe)
+
+    def reduced_model(self, pruned: torch.nn.Module) -> torch.nn.Module:
+        """The PyTorch model of what a candidate computes: ``pruned`` in the precision."""
+        precision = self.reduced.precision
+        return reference_model(pruned, precision, self.quantization(pruned))
 
     def _time(self, executable):
         return measure(
@@ -454,8 +525,35 @@ class _Loop:
             self.journal.append(entry)
         else:
             self.say(f"[search] dense: from the journal ({entry['measured']:.3f})")
-        self.cost.observe(self.model, None, entry["measured"], "dense")
-        self.dense_measured = entry["measured"]
+        if self.reduced.precision == "fp32":  # (else the unpruned model in it prices plans)
+            self.cost.observe(self.model, None, entry["measured"], "dense")
+        self.dense_measured = self.start = entry["measured"]
+        return entry
+
+    def reduced_dense(self) -> dict | None:
+        """The unpruned model in the search's precision, measured against the fp32 dense model
+        like a candidate: the methods start from it (kept FLOPs 1.0) and it prices their
+        plans. None in fp32, where it is the dense model."""
+        precision = self.reduced.precision
+        if precision == "fp32":
+            return None
+        key = f"dense-{precision}"
+        entry = self.journal.find("dense", key)
+        if entry is None:
+            self.say(f"[search] compiling and measuring the unpruned model in {precision}")
+            entry = {"kind": "dense", "key": key, **self._measure(None, in_precision=True)}
+            if not entry["correct"]:
+                raise TargetError(
+                    f"the compiled {precision} model differs from the PyTorch {precision} model "
+                    f"by {entry['max_abs_err']:.2e}"
+                )
+            self.journal.append(entry)
+        self.say(
+            f"[search] unpruned {precision}: {entry['measured']:.3f} "
+            f"({entry['ratio_to_dense']:.2f} of dense)"
+        )
+        self.cost.observe(self.model, None, entry["measured"], key)
+        self.start = entry["measured"]
         return entry
 
     # --- one method ---------------------------------------------------------------------------
@@ -536,7 +634,7 @@ class _Loop:
         nearest it."""
         aim = AIM * limit
         fraction = aim / self.cost.predict(self.model, None)
-        points = [(1.0, self.dense_measured)]
+        points = [(1.0, self.start)]
         seen: set[str] = set()
         for iteration in range(1, iterations + 1):
             try:
@@ -617,8 +715,8 @@ class _Loop:
 
     def _quality(self, plan: PruningPlan, key: str) -> dict:
         if not self.finetune_steps:
-            report = evaluate(self.model, self.held_out, plan)
-            return _quality_fields(report)
+            pruned = self.reduced_model(apply_plan_to_torch(self.model, plan))
+            return _quality_fields(compare(self.model, pruned, self.held_out))
         ft_out = self.out / "finetune" / key[:16]
         ft = run_finetune(
             self.model,
@@ -631,7 +729,8 @@ class _Loop:
             progress=None,
         )
         student, plan = self._finetuned(Path(ft.out))
-        report = compare(self.model, apply_plan_to_torch(student, plan), self.held_out)
+        pruned = self.reduced_model(apply_plan_to_torch(student, plan))
+        report = compare(self.model, pruned, self.held_out)
         return {**_quality_fields(report), "finetuned": str(ft.out)}
 
     def _finetuned(self, where: Path) -> tuple[torch.nn.Module, PruningPlan]:
@@ -652,7 +751,9 @@ class _Loop:
         else:
             plan = self._plan_of(chosen["key"])
         plan.save(self.out / PLAN_FILE)
-        compiled = compile_resolved(imported, Inputs(self.inputs.spec, plan=plan, rpc=self.rpc))
+        pruned = apply_plan_to_torch(imported.torch_model, plan)
+        inputs = dataclasses.replace(self.reduced, plan=plan)
+        compiled = compile_resolved(imported, inputs, quantization=self.quantization(pruned))
         compiled.export(self.out / "artifact")
 
     def _keep_wrong(self, plan: PruningPlan, key: str) -> Path:
@@ -826,7 +927,14 @@ def front_markdown(report: SearchReport) -> str:
         f"# Search: {report.model} on {report.device}",
         "",
         f"- budget: {report.budget['text']} = **{report.limit:.3f} {unit}** "
-        f"(dense measured {report.dense['measured']:.3f} {unit})",
+        f"(dense measured {report.dense['measured']:.3f} {unit}, fp32)",
+        f"- candidates' precision: {report.precision}"
+        + (
+            ""
+            if report.start is None
+            else f" (unpruned: {report.start['measured']:.3f} {unit}, "
+            f"{report.start['ratio_to_dense']:.2f} of dense)"
+        ),
         f"- window: [{WINDOW[0]}, {WINDOW[1]}] of the budget; {len(report.candidates)} "
         f"candidates in {report.seconds:.0f} s",
     ]
