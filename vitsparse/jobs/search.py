@@ -57,7 +57,7 @@ from vitsparse.jobs.finetune_report import MODEL_FILE, PLAN_FILE
 from vitsparse.jobs.profile import profile
 from vitsparse.jobs.profile_grids import Grid
 from vitsparse.plan import PruningPlan, apply_plan_to_torch, geometry_of, weights_hash
-from vitsparse.plan.quantize import Quantization, reference_model
+from vitsparse.plan.quantize import reference_model
 from vitsparse.pruning.budget import Budget, MeasuredBudget
 from vitsparse.pruning.calibrate import calibrate
 from vitsparse.pruning.criteria import make_plan
@@ -416,6 +416,7 @@ class _Loop:
         with torch.no_grad():
             reference = torch_model.eval()(torch.from_numpy(self.x)).numpy()
         tolerance = 1e-3 * max(1.0, float(np.abs(reference).max()))
+        reduced = {}
         if compiled.precision != "fp32":
             # Held to the PyTorch model of its computation, within a third of that model's
             # own distance from fp32 (what rounding-tie flips cannot reach; a wrong kernel
@@ -424,14 +425,10 @@ class _Loop:
             model = reference_model(torch_model, compiled.precision, compiled.quantization)
             with torch.no_grad():
                 reference = model.eval()(torch.from_numpy(self.x)).numpy()
-            tolerance = max(tolerance, REDUCED_TOLERANCE * float(np.abs(reference - fp32).max()))
+            distance = float(np.abs(reference - fp32).max())
+            tolerance = max(tolerance, REDUCED_TOLERANCE * distance)
+            reduced = {"precision": compiled.precision, "reference_vs_fp32": distance}
         err = float(np.abs(output - reference).max())
-        reduced = {}
-        if compiled.precision != "fp32":
-            reduced = {
-                "precision": compiled.precision,
-                "reference_vs_fp32": float(np.abs(reference - fp32).max()),
-            }
         energies = [m.energy_j * 1e3 for m in own if m.energy_j is not None]
         return self._settle(
             {
@@ -485,17 +482,15 @@ class _Loop:
                 self._dense = compile_resolved(self.imported, inputs)
             return self._dense
         inputs = dataclasses.replace(self.reduced, plan=plan)
-        quantization = None
-        if inputs.precision == "int8":
-            pruned = self.model if plan is None else apply_plan_to_torch(self.model, plan)
-            quantization = self.quantization(pruned)
+        quantization = self.quantization(self.model, plan)
         return compile_resolved(self.imported, inputs, quantization=quantization)
 
-    def quantization(self, pruned: torch.nn.Module) -> Quantization | None:
-        """int8's activation scales of ``pruned`` (a plan applied), calibrated on the data's
-        calibration part; None in the other precisions."""
+    def quantization(self, model: torch.nn.Module, plan: PruningPlan | None = None):
+        """int8's activation scales of ``model`` pruned by ``plan``, calibrated on the data's
+        calibration part; None in the other precisions (nothing computed)."""
         if self.reduced.precision != "int8":
             return None
+        pruned = model if plan is None else apply_plan_to_torch(model, plan)
         describe = {"source": f"{self.data} (the search's calibration images)"}
         return calibrate(pruned, self.calib.images, describe=describe)
 
@@ -755,9 +750,7 @@ class _Loop:
             plan = self._plan_of(chosen["key"])
         plan.save(self.out / PLAN_FILE)
         inputs = dataclasses.replace(self.reduced, plan=plan)
-        quantization = None
-        if inputs.precision == "int8":
-            quantization = self.quantization(apply_plan_to_torch(imported.torch_model, plan))
+        quantization = self.quantization(imported.torch_model, plan)
         compiled = compile_resolved(imported, inputs, quantization=quantization)
         compiled.export(self.out / "artifact")
 
