@@ -1,6 +1,7 @@
 """The emulated ARM device: an aarch64 TVM runtime under qemu-user, registered with a real tracker
 on 127.0.0.1 as "arm-qemu". deit_tiny compiled for aarch64+NEON, dense and block-sparse, runs
-there through RPC and matches PyTorch; its latency is reported as emulated.
+there through RPC and matches PyTorch; int8 on the dot product (``arm82``) matches its
+fake-quant reference; latency is reported as emulated.
 
 Skipped, with the reason, where scripts/setup_arm_qemu.sh could not build the device (`make
 install` runs it)."""
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from vitsparse.cli import main
+from vitsparse.data.sources import load_images
 from vitsparse.devices import Timing, measure
 from vitsparse.devices.qemu import ARM_QEMU_KEY, arm_python, start_arm_server
 from vitsparse.devices.rpc import RpcDevice, start_tracker
@@ -19,6 +21,7 @@ from vitsparse.frontend.testing import tiny_vit
 from vitsparse.jobs.bench import bench
 from vitsparse.jobs.compile import compile_model
 from vitsparse.plan import apply_plan_to_torch
+from vitsparse.plan.quantize import fake_quant_model
 from vitsparse.pruning.block_mask import block_mask_plan
 
 
@@ -65,6 +68,35 @@ def test_deit_tiny_runs_on_the_emulated_arm_device(arm_device, deit, pruned):
     assert result.device == "rpc:arm-qemu (emulated)"
     assert "aarch64 under qemu-user emulation" in result.emulated
     assert len(result.seconds) == 1 and result.seconds[0] > 0
+
+
+@pytest.mark.parametrize("pruned", [False, True], ids=["dense", "bsr"])
+def test_int8_on_sdot_runs_on_the_emulated_device_and_matches_its_reference(arm_device, pruned):
+    """--precision int8 --target arm82: the digits ViT calibrated, its linear layers int8 `sdot`
+    kernels (every masked layer an int8 BSR kernel: no break-even is measured for a remote
+    target), run on the emulated device and held to the PyTorch fake-quant model."""
+    model, model_id = load_torch_model("vitsparse/digits_vit")
+    plan = block_mask_plan(model, model_id=model_id, block=(16, 16), keep=0.5) if pruned else None
+    compiled = compile_model(
+        model_id, target="arm82", batch=4, plan=plan, precision="int8", calib="digits"
+    )
+    assert compiled.spec.key == "arm-aarch64-v82-dotprod-int8"
+    if pruned:
+        assert {(d["kernel"], d.get("precision")) for d in compiled.sparsity_decisions} == {
+            ("bsr", "int8")
+        }
+    x = load_images("digits", image_size=compiled.input_shape[-1], limit=4).images
+    timing = Timing(repeat=1, number=1, warmup=0)
+    result = measure(compiled.executable, compiled.spec, [x.numpy()], rpc=arm_device, timing=timing)
+    base = model if plan is None else apply_plan_to_torch(model, plan)
+    with torch.no_grad():
+        reference = fake_quant_model(base, compiled.quantization)(x).numpy()
+        fp32 = base(x).numpy()
+    errors = np.abs(result.output - reference).max(axis=1)
+    # exact but for rounding ties (tests/test_precision.py says why one image may flip)
+    assert (errors <= 1e-2).all() and (errors <= 1e-4).sum() >= 3, errors
+    assert np.abs(result.output - fp32).max() > 1e-3  # int8, not the float model
+    assert result.device == "rpc:arm-qemu (emulated)"
 
 
 def test_bench_reports_emulated_latency_as_emulated(arm_device):

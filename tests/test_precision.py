@@ -70,7 +70,7 @@ def test_int8_dense_kernel_sums_exactly(m, k, n):
     x, q, scale, bias = _operands(m, k, n)
     shape = paired.PairedDenseShape(m, k, n, "none", 6, 8)
     out = _run_kernel(
-        paired.scheduled_dense(shape), (x, paired.pack_dense(q, 8), scale, bias), (m, n)
+        paired.scheduled_dense(shape), (x, paired.pack_dense(q, 8, "int8"), scale, bias), (m, n)
     )
     np.testing.assert_allclose(out, _exact(x, q, scale, bias), rtol=1e-6, atol=1e-5)
 
@@ -79,7 +79,7 @@ def test_int8_dense_kernel_gelu_epilogue():
     x, q, scale, bias = _operands(24, 64, 32, seed=1)
     shape = paired.PairedDenseShape(24, 64, 32, "gelu", 6, 8)
     out = _run_kernel(
-        paired.scheduled_dense(shape), (x, paired.pack_dense(q, 8), scale, bias), (24, 32)
+        paired.scheduled_dense(shape), (x, paired.pack_dense(q, 8, "int8"), scale, bias), (24, 32)
     )
     pre = torch.from_numpy(_exact(x, q, scale, bias))
     np.testing.assert_allclose(out, torch.nn.functional.gelu(pre).numpy(), rtol=0, atol=1e-5)
@@ -92,7 +92,7 @@ def test_int8_bsr_kernel_sums_exactly(block, density):
     rows, cols = block
     kept = np.random.default_rng(3).random((n // rows, k // cols)) < density
     kept[0] = False  # a block-row with no kept block
-    packed = paired.pack_bsr(q, kept, block)
+    packed = paired.pack_bsr(q, kept, block, "int8")
     tile = paired.choose_bsr_row_tile(rows, 8, m)
     shape = paired.PairedBSRShape(m, k, n, block, packed.data.shape[0], tile, 8)
     x_padded = np.pad(x, ((0, shape.padded_m - m), (0, 0)))  # whole row tiles
@@ -111,6 +111,27 @@ def test_avx512_kernels_compile_to_512_bit_vpmaddwd():
     lib = tvm.compile(tvm.IRModule({"main": paired.scheduled_dense(shape)}), target)
     asm = lib.mod.inspect_source("asm")
     assert "vpdpwssd" in asm and "zmm" in asm
+
+
+def test_arm_int8_kernels_compile_to_sdot():
+    """On an ARM target with the dot product (``arm82``), int8 dense and BSR kernels store
+    int8 quads and multiply with `sdot` (run on the emulated device: tests/test_arm_qemu.py)."""
+    spec = resolve_target("arm82")
+    lanes = 4
+    assert paired.variant("int8", lanes) == "int8dot"
+    dense_shape = paired.PairedDenseShape(12, 64, 32, "none", 6, lanes, "int8dot")
+    kept = np.ones((2, 4), bool)
+    q = np.random.default_rng(0).integers(-127, 128, (32, 64)).astype(np.int8)
+    packed = paired.pack_bsr(q, kept, (16, 16), "int8dot")
+    assert packed.data.shape == (8, 4, 16, 4) and packed.data.dtype == np.int8
+    assert packed.data[0, 1, 2, 3] == q[2, 1 * 4 + 3]  # data[b, j // 4, i, j % 4] = W[i, j]
+    bsr_shape = paired.PairedBSRShape(12, 64, 32, (16, 16), 8, 3, lanes, "int8dot")
+    for func in (paired.scheduled_dense(dense_shape), paired.bsr_primfunc(bsr_shape)):
+        mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+        asm = tvm.compile(mod, spec.target).mod.inspect_source("asm")
+        assert "sdot\tv" in asm, asm[:2000]
+    with pytest.raises(ValueError, match="K=66 of 4"):
+        paired.PairedDenseShape(12, 66, 32, "none", 6, lanes, "int8dot")
 
 
 def test_weight_quantization_is_per_output_channel_and_symmetric():
@@ -235,8 +256,12 @@ def test_precision_refusals_name_what_is_missing():
     assert check_precision(x86, "fp32") == "fp32"
     assert check_precision(x86, "int8") == "int8"
     arm = resolve_target("arm")
-    with pytest.raises(TargetError, match="int8 kernels exist for x86"):
+    with pytest.raises(TargetError, match=r"int8 on ARM needs the dot product.*--target arm82"):
         check_precision(arm, "int8")
+    assert check_precision(resolve_target("arm82"), "int8") == "int8"
+    cuda = resolve_target("cuda")
+    with pytest.raises(TargetError, match="x86 CPUs with AVX2 and ARM CPUs with the dot product"):
+        check_precision(cuda, "int8")
     with pytest.raises(TargetError, match="fp16 arithmetic needs ARMv8.2 FP16 or a CUDA GPU"):
         check_precision(x86, "fp16")
     with pytest.raises(TargetError, match="unknown precision 'int4'"):
@@ -345,7 +370,9 @@ def test_int8_dense_design_space_samples_are_correct():
         assert "SamplePerfectTile" in kinds and "Tensorize" in kinds
         lib = tvm.compile(design.mod, target)
         dev = tvm.cpu()
-        args = [tvm.runtime.tensor(a, dev) for a in (x, paired.pack_dense(q, 8), scale, bias)]
+        args = [
+            tvm.runtime.tensor(a, dev) for a in (x, paired.pack_dense(q, 8, "int8"), scale, bias)
+        ]
         out = tvm.runtime.empty((m, n), "float32", dev)
         lib["main"](*args, out)
         np.testing.assert_allclose(out.numpy(), expected, rtol=0, atol=1e-5)
@@ -406,7 +433,7 @@ def test_bf16_kernels_compile_to_vdpbf16ps():
     target = tvm.target.Target(ZNVER4)
     dense_func = paired.scheduled_dense(paired.PairedDenseShape(12, 64, 32, "gelu", 6, 16, "bf16"))
     kept = np.ones((2, 4), bool)
-    packed = paired.pack_bsr(_bf16_operands(32, 64, 32)[1], kept, (16, 16))
+    packed = paired.pack_bsr(_bf16_operands(32, 64, 32)[1], kept, (16, 16), "bf16")
     shape = paired.PairedBSRShape(12, 64, 32, (16, 16), packed.data.shape[0], 4, 16, "bf16")
     for func in (dense_func, paired.bsr_primfunc(shape).with_attr("global_symbol", "main")):
         asm = tvm.compile(tvm.IRModule({"main": func}), target).mod.inspect_source("asm")
@@ -428,7 +455,7 @@ def test_bf16_dense_kernel_matches_float64_sums(m, k, n, epilogue):
     x, w, ones, bias = _bf16_operands(m, k, n)
     shape = paired.PairedDenseShape(m, k, n, epilogue, 6, 16, "bf16")
     out = _run_kernel(
-        paired.scheduled_dense(shape), (x, paired.pack_dense(w, 16), ones, bias), (m, n)
+        paired.scheduled_dense(shape), (x, paired.pack_dense(w, 16, "bf16"), ones, bias), (m, n)
     )
     expected = _bf16_expected(x, w, bias)
     if epilogue == "gelu":
@@ -445,7 +472,7 @@ def test_bf16_bsr_kernel_matches_float64_sums(block, density):
     rows, cols = block
     kept = np.random.default_rng(3).random((n // rows, k // cols)) < density
     kept[0] = False  # a block-row with no kept block
-    packed = paired.pack_bsr(w, kept, block)
+    packed = paired.pack_bsr(w, kept, block, "bf16")
     tile = paired.choose_bsr_row_tile(rows, 16, m)
     shape = paired.PairedBSRShape(m, k, n, block, packed.data.shape[0], tile, 16, "bf16")
     x_padded = np.pad(x, ((0, shape.padded_m - m), (0, 0)))
@@ -533,7 +560,7 @@ def test_bf16_dense_design_space_samples_are_correct():
     for design in spaces:
         assert "Tensorize" in [inst.kind.name for inst in design.trace.insts]
         lib = tvm.compile(design.mod, HOST)
-        args = [tvm.runtime.tensor(a) for a in (x, paired.pack_dense(w, 16), ones, bias)]
+        args = [tvm.runtime.tensor(a) for a in (x, paired.pack_dense(w, 16, "bf16"), ones, bias)]
         out = tvm.runtime.empty((m, n), "float32")
         lib["main"](*args, out)
         np.testing.assert_allclose(out.numpy(), _bf16_expected(x, w, bias), rtol=0, atol=2e-4)

@@ -14,9 +14,10 @@ becomes the kernel's epilogue. The kernels are tiled for the current target (``w
 A layer whose input AnnotateQuantization fake-quantized becomes the int8 BSR kernel of
 ``schedules.paired`` where ``int8_lanes`` is set: its masked weight quantized per output channel
 (`plan.quantize.quantize_weight`, the same values as the dense int8 path), its input's integers
-cast to int16. With ``bf16``, a layer whose input AnnotateBF16 rounded becomes the bf16 BSR
-kernel, its kept blocks rounded to bf16 bits. The break-even given is the precision's own (an
-int8 or bf16 compile measures its BSR kernel against its dense kernel).
+stored as the kernel takes them (int16 on x86, int8 on ARM). With ``bf16``, a layer whose input
+AnnotateBF16 rounded becomes the bf16 BSR kernel, its kept blocks rounded to bf16 bits. The
+break-even given is the precision's own (an int8 or bf16 compile measures its BSR kernel against
+its dense kernel).
 """
 
 from __future__ import annotations
@@ -144,10 +145,11 @@ class _BlockSparsifyMutator(relax.PyExprMutator):
     def _lower_int8(self, x_shape, rows, bias, weight, kept, block, q_input, activation_scale):
         element_kept = np.kron(kept, np.ones(block, dtype=bool))
         q, w_scale = quantize_weight(np.where(element_kept, weight, 0))
-        xq = self.builder_.emit(relax.op.astype(q_input, "int16"))
-        scale = dequant_scales(activation_scale, w_scale)
         lanes = self.int8_lanes
-        return self._lower_paired("int8", lanes, x_shape, xq, rows, bias, q, kept, block, scale)
+        kernels = paired.variant("int8", lanes)
+        xq = self.builder_.emit(relax.op.astype(q_input, paired.STORAGE[kernels]))
+        scale = dequant_scales(activation_scale, w_scale)
+        return self._lower_paired(kernels, lanes, x_shape, xq, rows, bias, q, kept, block, scale)
 
     def _lower_paired(self, precision, lanes, x_shape, x, rows, bias, values, kept, block, scale):
         """The paired BSR kernel of ``precision`` on ``x`` (the stored input) and the kept
@@ -155,7 +157,7 @@ class _BlockSparsifyMutator(relax.PyExprMutator):
         emit = self.builder_.emit
         n, k = values.shape
         block_rows, cols = block
-        packed = paired.pack_bsr(values, kept, block)
+        packed = paired.pack_bsr(values, kept, block, precision)
         lanes = paired.bsr_lanes(precision, lanes, block, k)
         tile = paired.choose_bsr_row_tile(block_rows, lanes, rows)
         shape = paired.PairedBSRShape(

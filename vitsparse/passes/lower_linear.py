@@ -16,13 +16,14 @@ generic matmul, the alternative, runs such layers several times slower. A layer 
 input feature (an MLP pruned to one neuron) has no reduction loop to schedule and stays as it is.
 
 A layer whose input AnnotateQuantization fake-quantized becomes the int8 kernel of
-``schedules.paired`` instead (with ``int8_lanes``, the target's `vpmaddwd` width): the weight is
-quantized per output channel at compile time (`plan.quantize.quantize_weight`), the input's
-integers are cast to int16 (padded to an even width), and the kernel dequantizes its int32 sums
-with ``S = s_x * s_w``. With ``bf16``, a layer whose input AnnotateBF16 rounded becomes the
-bf16 kernel: the weight rounded to bf16 bits at compile time (`plan.quantize.bf16_bits`), the
-input's bf16 tensor viewed as its uint16 bits, ``S = 1``. Both are opaque to FuseOps (their
-producers, the quantization or rounding, fuse with whatever precedes them instead).
+``schedules.paired`` instead (with ``int8_lanes``, the target's `vpmaddwd` or `sdot` width): the
+weight is quantized per output channel at compile time (`plan.quantize.quantize_weight`), the
+input's integers are stored as the kernel takes them (int16 pairs on x86, int8 quads on ARM,
+padded to whole groups), and the kernel dequantizes its int32 sums with ``S = s_x * s_w``. With
+``bf16``, a layer whose input AnnotateBF16 rounded becomes the bf16 kernel: the weight rounded
+to bf16 bits at compile time (`plan.quantize.bf16_bits`), the input's bf16 tensor viewed as its
+uint16 bits, ``S = 1``. Both are opaque to FuseOps (their producers, the quantization or
+rounding, fuse with whatever precedes them instead).
 """
 
 from __future__ import annotations
@@ -143,9 +144,10 @@ class _LowerLinearMutator(relax.PyExprMutator):
 
     def _emit_int8(self, lin: _Linear, q_input, activation_scale: float):
         q, w_scale = quantize_weight(lin.weight)
-        x = self.builder_.emit(relax.op.astype(q_input, "int16"))
+        kernels = paired.variant("int8", self.int8_lanes)
+        x = self.builder_.emit(relax.op.astype(q_input, paired.STORAGE[kernels]))
         scale = dequant_scales(activation_scale, w_scale)
-        return self._emit_paired(lin, "int8", self.int8_lanes, x, q, scale)
+        return self._emit_paired(lin, kernels, self.int8_lanes, x, q, scale)
 
     def _emit_bf16(self, lin: _Linear, bf16_x):
         x = self.builder_.emit(relax.op.memory.view(bf16_x, dtype="uint16"))
@@ -158,14 +160,15 @@ class _LowerLinearMutator(relax.PyExprMutator):
         emit = self.builder_.emit
         n, k = lin.weight.shape
         bias = lin.bias.astype(np.float32)
-        n_pad, k_pad = -(-n // lanes) * lanes, k + k % 2
+        group = paired.GROUP[precision]
+        n_pad, k_pad = -(-n // lanes) * lanes, -(-k // group) * group
         values = np.pad(values, ((0, n_pad - n), (0, k_pad - k)))
         scale, bias = np.pad(scale, (0, n_pad - n)), np.pad(bias, (0, n_pad - n))
         rows = int(np.prod(lin.out_shape[:-1]))
         if len(struct_shape(x)) != 2:
             x = emit(relax.op.reshape(x, (rows, k)))
         if k_pad != k:
-            x = emit(relax.op.nn.pad(x, [0, 0, 0, 1]))
+            x = emit(relax.op.nn.pad(x, [0, 0, 0, k_pad - k]))
         tile = dense.choose_row_tile(rows)
         shape = paired.PairedDenseShape(rows, k_pad, n_pad, "none", tile, lanes, precision)
         key = (precision, shape, n_pad != n)
@@ -176,7 +179,7 @@ class _LowerLinearMutator(relax.PyExprMutator):
             self.kernels[key],
             [
                 x,
-                relax.const(paired.pack_dense(values, lanes)),
+                relax.const(paired.pack_dense(values, lanes, precision)),
                 relax.const(scale),
                 relax.const(bias),
             ],

@@ -56,11 +56,12 @@ def paired_dense_case(
     m: int, k: int, n: int, lanes: int, precision: str = "int8", *, seed: int = 0
 ) -> KernelCase:
     """The int8 or bf16 dense kernel (``lanes`` wide) for an (m, k) input and (n, k) weight."""
+    precision = paired.variant(precision, lanes)
     x, q, scale, b, y = _paired_operands(m, k, n, precision, seed)
     tile = dense.choose_row_tile(m)
     shape = paired.PairedDenseShape(m, k, n, "none", tile, lanes, precision)
     mod = IRModule({"main": paired.scheduled_dense(shape)})
-    args = [x, paired.pack_dense(q, lanes), scale, b, y]
+    args = [x, paired.pack_dense(q, lanes, precision), scale, b, y]
     return KernelCase(mod, args, _paired_expected(x, q, scale, b), 1.0)
 
 
@@ -77,10 +78,11 @@ def paired_bsr_case(
 ) -> KernelCase:
     """The int8 or bf16 BSR kernel for an (n, k) weight keeping ``round(density * blocks)`` of
     its blocks (at least one), drawn as `bsr_case` draws them."""
+    lanes = paired.bsr_lanes(precision, lanes, tuple(block), k)
+    precision = paired.variant(precision, lanes)
     x, q, scale, b, y = _paired_operands(m, k, n, precision, seed)
     kept = _random_blocks(n, k, block, density, seed)
-    packed = paired.pack_bsr(q, kept, tuple(block))
-    lanes = paired.bsr_lanes(precision, lanes, tuple(block), k)
+    packed = paired.pack_bsr(q, kept, tuple(block), precision)
     tile = paired.choose_bsr_row_tile(block[0], lanes, m)
     nnzb = packed.data.shape[0]
     shape = paired.PairedBSRShape(m, k, n, tuple(block), nnzb, tile, lanes, precision)
@@ -120,14 +122,15 @@ def _random_blocks(n: int, k: int, block, density: float, seed: int) -> np.ndarr
 
 
 def _paired_operands(m: int, k: int, n: int, precision: str, seed: int):
-    """(x, weight values, scale, bias, output): int8 values as int16/int8, or bf16 bits."""
+    """(x, weight values, scale, bias, output): int8 values (x stored as ``precision``'s kernels
+    store it, the weight as int8), or bf16 bits."""
     rng = np.random.default_rng(seed)
     b = rng.standard_normal(n, dtype=np.float32)
     if precision == "bf16":
         x = bf16_bits(rng.standard_normal((m, k), dtype=np.float32))
         q = bf16_bits(rng.standard_normal((n, k), dtype=np.float32))
         return x, q, np.ones(n, np.float32), b, np.zeros((m, n), np.float32)
-    x = rng.integers(-127, 128, (m, k)).astype(np.int16)
+    x = rng.integers(-127, 128, (m, k)).astype(paired.STORAGE[precision])
     q = rng.integers(-127, 128, (n, k)).astype(np.int8)
     scale = (rng.random(n) * 1e-4).astype(np.float32)
     return x, q, scale, b, np.zeros((m, n), np.float32)

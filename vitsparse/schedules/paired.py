@@ -1,7 +1,12 @@
-"""Linear-layer kernels whose multiply-add takes pairs of inputs, for x86 CPUs: int8 and bf16.
+"""Linear-layer kernels whose multiply-add takes a group of inputs per lane: int8 and bf16 on
+x86 CPUs, int8 on ARM CPUs with the dot-product extension.
 
-    int8   Y = epilogue(float(Xq @ Wq^T) * S + b), the sums exact in int32
-    bf16   Y = epilogue(X_bf16 @ W_bf16^T + b), the sums in float32 (S = 1)
+    int8     Y = epilogue(float(Xq @ Wq^T) * S + b), the sums exact in int32 (x86: pairs)
+    int8dot  the same computation on ARM: quads of int8 per lane through `sdot`
+    bf16     Y = epilogue(X_bf16 @ W_bf16^T + b), the sums in float32 (S = 1)
+
+Each stored value is part of a 32-bit word holding ``GROUP`` of them (two int16, two bf16, four
+int8), and one instruction adds, per lane, the products of a word of X and a word of W.
 
 int8: the values are int8 (activations quantized per tensor, weights per output channel, both
 symmetric in [-127, 127]; `vitsparse.plan.quantize`), stored as int16, so that each multiply is
@@ -10,6 +15,10 @@ saturation (the unsigned-by-signed byte multiply, `vpmaddubsw`, saturates its in
 int8 x int8 data). One ``lanes``-wide `vpmaddwd` does ``2 * lanes`` multiply-adds: twice an fp32
 FMA of the same width. On CPUs with AVX512-VNNI, LLVM fuses it with the add into `vpdpwssd`.
 
+int8dot: the same int8 values stored as int8, four per word, and each multiply is ARMv8.2's
+`sdot` (FEAT_DotProd): per int32 lane, the four products of two int8 quads added to the sum, exact.
+One 128-bit `sdot` does 16 multiply-adds, four times an fp32 NEON FMA.
+
 bf16: the values are bfloat16 (rounded to nearest even from float32), stored as their uint16
 bits, and each multiply is AVX512-BF16's `vdpbf16ps`: per float32 lane, the products of two
 bf16 pairs added to the sum. TVM lowers every bfloat16 value to float32 arithmetic, and LLVM's
@@ -17,23 +26,24 @@ intrinsic takes ``<32 x bfloat>``, which TIR cannot spell; so the kernels call a
 LLVM IR function (``_DPBF16PS_IR``, linked in through ``pragma_import_llvm`` and inlined) that
 bit-casts the int32 words it is given to bf16 vectors. A bf16 kernel's X is uint16 bits.
 
-Layouts (both precisions). ``X`` is (M, K) with K even (the pass pads an odd K with a zero
-column). The dense weight is packed at compile time into panels of ``lanes`` output columns
-holding pairs of input columns, ``Wp[n // L, k // 2, n % L, k % 2] = W[n, k]``, so one k pair of
-a panel is one vector. ``S[n]`` dequantizes int8's sums (``s_x * s_w[n]``; ones for bf16). A BSR
-weight keeps, per kept block, the same pairing inside the block:
-``data[b, j // 2, i, j % 2] = W[r*rows + i, c*cols + j]``.
+Layouts (every variant; G = ``GROUP``). ``X`` is (M, K) with K a multiple of G (the pass pads K
+with zero columns). The dense weight is packed at compile time into panels of ``lanes`` output
+columns holding groups of input columns, ``Wp[n // L, k // G, n % L, k % G] = W[n, k]``, so one
+k group of a panel is one vector. ``S[n]`` dequantizes int8's sums (``s_x * s_w[n]``; ones for
+bf16). A BSR weight keeps, per kept block, the same grouping inside the block:
+``data[b, j // G, i, j % G] = W[r*rows + i, c*cols + j]``.
 
 Kernels.
 - `dense_primfunc` + `schedule_dense_cpu`: the fp32 dense kernel's template (parallel row x
   column tiles, a register tile of ``row_tile x col_vectors`` accumulators, k unrolled), with
-  the innermost (lane, pair) loops tensorized (``INTRINSICS``).
+  the innermost (lane, group) loops tensorized (``INTRINSICS``).
 - `bsr_primfunc`: no epilogue (a GELU after it stays a separate fast-math kernel), written
   scheduled (a loop over a block-row's kept blocks read from ``indptr``), since the tensorized
   body and a data-dependent loop bound cannot both come out of TVM's schedule primitives:
-  parallel over (row tile, block-row) tasks, ``row_tile x rows / L`` accumulators, one pair
-  multiply-add per (row, vector, column pair).
-int8 takes ``lanes`` 8 (AVX2, 256-bit) or 16 (AVX-512BW, 512-bit); bf16 takes 16.
+  parallel over (row tile, block-row) tasks, ``row_tile x rows / L`` accumulators, one group
+  multiply-add per (row, vector, column group).
+int8 takes ``lanes`` 8 (AVX2, 256-bit) or 16 (AVX-512BW, 512-bit); bf16 takes 16; int8dot 4
+(NEON, 128-bit). `variant` names the kernels of a precision at a target's lanes.
 """
 
 from __future__ import annotations
@@ -47,18 +57,21 @@ from vitsparse._tvm import Schedule, T, TensorIntrin, te, tir, topi, tvm
 from vitsparse.schedules import dense
 
 KERNEL_ATTR = "vitsparse.kernel"
-PRECISIONS = ("int8", "bf16")
-DENSE_KERNELS = {"int8": "int8-dense", "bf16": "bf16-dense"}
-BSR_KERNELS = {"int8": "int8-bsr", "bf16": "bf16-bsr"}
+PRECISIONS = ("int8", "bf16", "int8dot")  # kernel variants (`variant`)
+DENSE_KERNELS = {p: f"{p}-dense" for p in PRECISIONS}
+BSR_KERNELS = {p: f"{p}-bsr" for p in PRECISIONS}
 EPILOGUES = ("none", "gelu")
-LANES = {"int8": (8, 16), "bf16": (16,)}
-STORAGE = {"int8": "int16", "bf16": "uint16"}  # how X and W are stored
-ACCUMULATOR = {"int8": "int32", "bf16": "float32"}
+LANES = {"int8": (8, 16), "bf16": (16,), "int8dot": (4,)}
+STORAGE = {"int8": "int16", "bf16": "uint16", "int8dot": "int8"}  # how X and W are stored
+GROUP = {"int8": 2, "bf16": 2, "int8dot": 4}  # stored values per 32-bit word
+ACCUMULATOR = {"int8": "int32", "bf16": "float32", "int8dot": "int32"}
 _PMADDWD = {8: "llvm.x86.avx2.pmadd.wd", 16: "llvm.x86.avx512.pmaddw.d.512"}
+_SDOT = "llvm.aarch64.neon.sdot.v4i32.v16i8"
 INTRINSICS = {
     ("int8", 8): "vitsparse_pmaddwd_8x2",
     ("int8", 16): "vitsparse_pmaddwd_16x2",
     ("bf16", 16): "vitsparse_dpbf16ps_16x2",
+    ("int8dot", 4): "vitsparse_sdot_4x4",
 }
 _DPBF16PS = "vitsparse_dpbf16ps"
 # acc + the bf16 pair products of a and b, given as int32 words (two bf16 per word).
@@ -89,8 +102,16 @@ def lanes_for(target) -> int:
     return 0
 
 
+def variant(precision: str, lanes: int) -> str:
+    """The kernel variant of ``precision`` at a target's widest ``lanes``: int8 at NEON's 4
+    int32 lanes is `sdot`'s ``int8dot``; otherwise the precision itself."""
+    if precision == "int8" and lanes in LANES["int8dot"]:
+        return "int8dot"
+    return precision
+
+
 def register_intrinsics() -> None:
-    """Register the pair multiply-add tensor intrinsics with TVM (once per process)."""
+    """Register the group multiply-add tensor intrinsics with TVM (once per process)."""
     for (precision, lanes), name in INTRINSICS.items():
         if TensorIntrin.get(name, allow_missing=True) is None:
             TensorIntrin.register(name, *_intrinsic(precision, lanes))
@@ -99,15 +120,24 @@ def register_intrinsics() -> None:
 def _value(stored, precision: str):
     """A stored X or W element as the number it multiplies with (int32, or float32 from its
     bf16 bits)."""
-    if precision == "int8":
+    if precision != "bf16":
         return tir.Cast("int32", stored)
     bits = tir.shift_left(tir.Cast("uint32", stored), tir.const(16, "uint32"))
     return tir.reinterpret("float32", bits)
 
 
-def _pair_mac(precision: str, lanes: int, acc, words, weights):
-    """``acc`` plus the pair products of ``words`` and ``weights`` (``lanes`` int32 words, each
-    holding one pair of stored values): `vpmaddwd` + add, or `vdpbf16ps`."""
+def _group_mac(precision: str, lanes: int, acc, words, weights):
+    """``acc`` plus the group products of ``words`` and ``weights`` (``lanes`` int32 words, each
+    holding one group of stored values): `vpmaddwd` + add, `sdot`, or `vdpbf16ps`."""
+    if precision == "int8dot":
+        quads = f"int8x{4 * lanes}"
+        return tir.call_llvm_pure_intrin(
+            f"int32x{lanes}",
+            _SDOT,
+            acc,
+            tir.reinterpret(quads, words),
+            tir.reinterpret(quads, weights),
+        )
     if precision == "int8":
         half = f"int16x{2 * lanes}"
         return acc + tir.call_llvm_pure_intrin(
@@ -121,40 +151,40 @@ def _pair_mac(precision: str, lanes: int, acc, words, weights):
 
 def _intrinsic(precision: str, lanes: int):
     storage, accumulator = STORAGE[precision], ACCUMULATOR[precision]
-    vector = f"{accumulator}x{lanes}"
+    vector, group = f"{accumulator}x{lanes}", GROUP[precision]
 
     @T.prim_func(s_tir=True)
     def desc(
-        a: T.Buffer((2,), storage, offset_factor=1),
-        b: T.Buffer((lanes, 2), storage, offset_factor=1),
+        a: T.Buffer((group,), storage, offset_factor=1),
+        b: T.Buffer((lanes, group), storage, offset_factor=1),
         c: T.Buffer((lanes,), accumulator, offset_factor=1),
     ) -> None:
         with T.sblock("root"):
-            T.reads(c[0:lanes], a[0:2], b[0:lanes, 0:2])
+            T.reads(c[0:lanes], a[0:group], b[0:lanes, 0:group])
             T.writes(c[0:lanes])
             for i in T.serial(0, lanes):
-                for k in T.serial(0, 2):
+                for k in T.serial(0, group):
                     with T.sblock("update"):
                         vi, vk = T.axis.remap("SR", [i, k])
                         c[vi] = c[vi] + _value(a[vk], precision) * _value(b[vi, vk], precision)
 
     @T.prim_func(s_tir=True)
     def impl(
-        a: T.Buffer((2,), storage, offset_factor=1),
-        b: T.Buffer((lanes, 2), storage, offset_factor=1),
+        a: T.Buffer((group,), storage, offset_factor=1),
+        b: T.Buffer((lanes, group), storage, offset_factor=1),
         c: T.Buffer((lanes,), accumulator, offset_factor=1),
     ) -> None:
         with T.sblock("root"):
-            T.reads(c[0:lanes], a[0:2], b[0:lanes, 0:2])
+            T.reads(c[0:lanes], a[0:group], b[0:lanes, 0:group])
             T.writes(c[0:lanes])
-            pair = T.reinterpret(a.vload([0], f"{storage}x2"), dtype="int32")
-            c[T.ramp(T.int32(0), 1, lanes)] = _pair_mac(
+            word = T.reinterpret(a.vload([0], f"{storage}x{group}"), dtype="int32")
+            c[T.ramp(T.int32(0), 1, lanes)] = _group_mac(
                 precision,
                 lanes,
                 c.vload([0], dtype=vector),
-                T.broadcast(pair, lanes),
+                T.broadcast(word, lanes),
                 T.reinterpret(
-                    b.vload([0, 0], dtype=f"{storage}x{2 * lanes}"), dtype=f"int32x{lanes}"
+                    b.vload([0, 0], dtype=f"{storage}x{group * lanes}"), dtype=f"int32x{lanes}"
                 ),
             )
 
@@ -171,26 +201,27 @@ def _check(precision: str, lanes: int) -> None:
 # -- weights ------------------------------------------------------------------------------------
 
 
-def stored(values: np.ndarray) -> np.ndarray:
-    """Values as the kernels store them: int8 -> int16; bf16 bits (uint16) as they are."""
-    if values.dtype == np.int8:
-        return values.astype(np.int16)
-    if values.dtype == np.uint16:
-        return values
-    raise TypeError(f"paired kernels take int8 values or bf16 bits (uint16), not {values.dtype}")
+def stored(values: np.ndarray, precision: str) -> np.ndarray:
+    """Values as ``precision``'s kernels store them: int8 -> int16 (x86's int8), int8 as it is
+    (int8dot); bf16 bits (uint16) as they are."""
+    want = "uint16" if precision == "bf16" else "int8"
+    if values.dtype != np.dtype(want):
+        raise TypeError(f"{precision} kernels take {want} values, not {values.dtype}")
+    return values.astype(STORAGE[precision], copy=False)
 
 
-def pack_dense(values: np.ndarray, lanes: int) -> np.ndarray:
-    """(N, K) int8 values or bf16 bits -> (N / L, K / 2, L, 2) panels (N % L == 0, K even)."""
+def pack_dense(values: np.ndarray, lanes: int, precision: str) -> np.ndarray:
+    """(N, K) int8 values or bf16 bits -> (N / L, K / G, L, G) panels (N % L == 0, K % G == 0)."""
     n, k = values.shape
+    g = GROUP[precision]
     return np.ascontiguousarray(
-        stored(values).reshape(n // lanes, lanes, k // 2, 2).transpose(0, 2, 1, 3)
+        stored(values, precision).reshape(n // lanes, lanes, k // g, g).transpose(0, 2, 1, 3)
     )
 
 
 @dataclass(frozen=True)
 class PairedBSRWeight:
-    """The kept blocks of an int8 or bf16 weight: ``data`` (nnzb, cols / 2, rows, 2) in the
+    """The kept blocks of an int8 or bf16 weight: ``data`` (nnzb, cols / G, rows, G) in the
     stored dtype, with the BSR ``indices``/``indptr`` of `vitsparse.schedules.bsr`."""
 
     shape: tuple[int, int]
@@ -200,18 +231,21 @@ class PairedBSRWeight:
     indptr: np.ndarray
 
 
-def pack_bsr(values: np.ndarray, kept: np.ndarray, block: tuple[int, int]) -> PairedBSRWeight:
+def pack_bsr(
+    values: np.ndarray, kept: np.ndarray, block: tuple[int, int], precision: str
+) -> PairedBSRWeight:
     """Pack the kept ``rows x cols`` blocks of the (N, K) int8 values or bf16 bits ``values``
-    (``kept``: the (N / rows, K / cols) block bitmap)."""
+    for ``precision``'s kernels (``kept``: the (N / rows, K / cols) block bitmap)."""
     n, k = values.shape
     rows, cols = block
-    values = stored(values)
-    blocks = values.reshape(n // rows, rows, k // cols, cols // 2, 2)
+    g = GROUP[precision]
+    values = stored(values, precision)
+    blocks = values.reshape(n // rows, rows, k // cols, cols // g, g)
     r_idx, c_idx = np.nonzero(kept)
     data = np.ascontiguousarray(blocks.transpose(0, 2, 3, 1, 4)[r_idx, c_idx])
     indices = c_idx.astype(np.int32)
     if data.shape[0] == 0:  # buffers cannot be empty
-        data = np.zeros((1, cols // 2, rows, 2), values.dtype)
+        data = np.zeros((1, cols // g, rows, g), values.dtype)
         indices = np.zeros(1, np.int32)
     indptr = np.zeros(n // rows + 1, np.int32)
     np.cumsum(kept.sum(axis=1), out=indptr[1:])
@@ -223,7 +257,8 @@ def pack_bsr(values: np.ndarray, kept: np.ndarray, block: tuple[int, int]) -> Pa
 
 @dataclass(frozen=True)
 class PairedDenseShape:
-    """One dense workload: M rows, K inputs (even), N outputs (a multiple of ``lanes``)."""
+    """One dense workload: M rows, K inputs (a multiple of the group), N outputs (a multiple of
+    ``lanes``)."""
 
     m: int
     k: int
@@ -237,8 +272,11 @@ class PairedDenseShape:
         if self.epilogue not in EPILOGUES:
             raise ValueError(f"epilogue {self.epilogue!r} is not one of {EPILOGUES}")
         _check(self.precision, self.lanes)
-        if self.n % self.lanes or self.k % 2:
-            raise ValueError(f"N={self.n} must be a multiple of {self.lanes}, K={self.k} even")
+        group = GROUP[self.precision]
+        if self.n % self.lanes or self.k % group:
+            raise ValueError(
+                f"N={self.n} must be a multiple of {self.lanes}, K={self.k} of {group}"
+            )
 
     @property
     def padded_m(self) -> int:
@@ -262,9 +300,9 @@ def _epilogue(acc, scale, bias, m: int, n: int, epilogue: str):
 def dense_primfunc(shape: PairedDenseShape) -> tir.PrimFunc:
     """Unscheduled PrimFunc (X, Wp, S, B) -> Y for one dense workload."""
     m, k_dim, n, lanes, precision = shape.m, shape.k, shape.n, shape.lanes, shape.precision
-    storage = STORAGE[precision]
+    storage, g = STORAGE[precision], GROUP[precision]
     x = te.placeholder((m, k_dim), storage, name="X")
-    w = te.placeholder((n // lanes, k_dim // 2, lanes, 2), storage, name="W")
+    w = te.placeholder((n // lanes, k_dim // g, lanes, g), storage, name="W")
     scale = te.placeholder((n,), "float32", name="S")
     bias = te.placeholder((n,), "float32", name="B")
     k = te.reduce_axis((0, k_dim), "k")
@@ -272,7 +310,7 @@ def dense_primfunc(shape: PairedDenseShape) -> tir.PrimFunc:
         (shape.padded_m, n),
         lambda i, j: te.sum(
             _value(x[te.min(i, m - 1), k], precision)
-            * _value(w[j // lanes, k // 2, j % lanes, k % 2], precision),
+            * _value(w[j // lanes, k // g, j % lanes, k % g], precision),
             axis=k,
         ),
         name="dense",
@@ -312,17 +350,17 @@ def dense_shape_of(func: tir.PrimFunc) -> PairedDenseShape:
 @dataclass(frozen=True)
 class PairedDenseKnobs:
     col_vectors: int  # vectors of ``lanes`` accumulators per register tile
-    k_unroll: int  # k pairs per unrolled step
+    k_unroll: int  # k groups per unrolled step
 
 
 def default_dense_knobs(shape: PairedDenseShape) -> PairedDenseKnobs:
     """~12-16 accumulator registers: row_tile x col_vectors, as wide as N allows."""
     vectors = shape.n // shape.lanes
-    col = max(1, min(4 if shape.lanes == 8 else 2, 16 // shape.row_tile))
+    col = max(1, min(2 if shape.lanes == 16 else 4, 16 // shape.row_tile))
     while vectors % col:
         col -= 1
-    pairs = shape.k // 2
-    unroll = next(u for u in (4, 2, 1) if pairs % u == 0)
+    groups = shape.k // GROUP[shape.precision]
+    unroll = next(u for u in (4, 2, 1) if groups % u == 0)
     return PairedDenseKnobs(col_vectors=col, k_unroll=unroll)
 
 
@@ -335,10 +373,11 @@ def schedule_dense_cpu(sch: Schedule, knobs: PairedDenseKnobs | None = None) -> 
     acc = dense.tile_output(sch, shape.row_tile, lanes, shape.n // lanes, col_vectors)
     a_i, a_j, a_k = sch.get_loops(acc)[-3:]
     a_v, a_lane = sch.split(a_j, [None, lanes])
-    k_pair, k_in = sch.split(a_k, [None, 2])
-    k_dec = None if knobs is None else [shape.k // 2 // knobs.k_unroll, knobs.k_unroll]
+    group = GROUP[shape.precision]
+    k_group, k_in = sch.split(a_k, [None, group])
+    k_dec = None if knobs is None else [shape.k // group // knobs.k_unroll, knobs.k_unroll]
     k_o, k_u = sch.split(
-        k_pair, sch.sample_perfect_tile(k_pair, n=2, max_innermost_factor=8, decision=k_dec)
+        k_group, sch.sample_perfect_tile(k_group, n=2, max_innermost_factor=8, decision=k_dec)
     )
     sch.reorder(k_o, k_u, a_i, a_v, a_lane, k_in)
     init = sch.decompose_reduction(acc, k_o)
@@ -381,10 +420,11 @@ class PairedBSRShape:
     def __post_init__(self):
         _check(self.precision, self.lanes)
         rows, cols = self.block
-        if rows % self.lanes or cols % 2 or self.n % rows or self.k % cols:
+        group = GROUP[self.precision]
+        if rows % self.lanes or cols % group or self.n % rows or self.k % cols:
             raise ValueError(
                 f"block {rows}x{cols} on {self.n}x{self.k}: rows must be a multiple of "
-                f"{self.lanes} lanes, cols even, and the block must tile the weight"
+                f"{self.lanes} lanes, cols of {group}, and the block must tile the weight"
             )
 
     @property
@@ -395,9 +435,10 @@ class PairedBSRShape:
 def bsr_lanes(precision: str, lanes: int, block: tuple[int, int], k: int) -> int:
     """The lanes of the BSR kernel of ``precision`` for ``block`` on a K-input weight, given the
     target's widest ``lanes``; 0 where no BSR kernel fits (block rows not a multiple of a lane
-    width, odd block columns or K)."""
+    width, block columns or K not a multiple of the group)."""
     rows, cols = block
-    if cols % 2 or k % 2:
+    precision = variant(precision, lanes)
+    if cols % GROUP[precision] or k % GROUP[precision]:
         return 0
     fits = [width for width in LANES[precision] if width <= lanes and rows % width == 0]
     return max(fits, default=0)
@@ -409,7 +450,7 @@ def choose_bsr_row_tile(rows: int, lanes: int, m: int) -> int:
     Tall tiles matter: each row's sums are one dependency chain, and 6 chains left the 16-row
     blocks' kernels waiting on `vdpbf16ps`/`vpdpwssd` latency (on a znver4, 16 rows took about
     half the time of 6 on deit_tiny's fc1 at 50%)."""
-    budget = 12 if lanes == 8 else 24
+    budget = 12 if lanes == 8 else 24  # NEON (4 lanes) has 32 registers, as AVX-512
     tile = max(1, min(16, budget // (rows // lanes)))
     candidates = range(max(1, tile - 2), tile + 1)
     return min(candidates, key=lambda t: (math.ceil(m / t) * t - m, -t))
@@ -420,8 +461,9 @@ def bsr_primfunc(shape: PairedBSRShape) -> tir.PrimFunc:
     (the rows past M are read, never written back)."""
     m, k, n, lanes, precision = shape.m, shape.k, shape.n, shape.lanes, shape.precision
     rows, cols = shape.block
-    pairs, vectors, tile = cols // 2, rows // lanes, shape.row_tile
-    k_words, padded_m = k // 2, shape.padded_m
+    group = GROUP[precision]
+    words, vectors, tile = cols // group, rows // lanes, shape.row_tile
+    k_words, padded_m = k // group, shape.padded_m
     tiles, block_rows, nnzb = shape.padded_m // tile, n // rows, shape.nnzb
     storage, accumulator = STORAGE[precision], ACCUMULATOR[precision]
     zero = tir.const(0, accumulator)
@@ -429,7 +471,7 @@ def bsr_primfunc(shape: PairedBSRShape) -> tir.PrimFunc:
     @T.prim_func(s_tir=True)
     def kernel(
         x: T.Buffer((padded_m, k), storage),
-        data: T.Buffer((nnzb, pairs, rows, 2), storage),
+        data: T.Buffer((nnzb, words, rows, group), storage),
         indices: T.Buffer((nnzb,), "int32"),
         indptr: T.Buffer((block_rows + 1,), "int32"),
         scale: T.Buffer((n,), "float32"),
@@ -438,7 +480,7 @@ def bsr_primfunc(shape: PairedBSRShape) -> tir.PrimFunc:
     ):
         T.func_attr({"tirx.noalias": True})
         x32 = T.decl_buffer((padded_m * k_words,), "int32", data=x.data)
-        w32 = T.decl_buffer((nnzb * pairs * rows,), "int32", data=data.data)
+        w32 = T.decl_buffer((nnzb * words * rows,), "int32", data=data.data)
         for task in T.parallel(tiles * block_rows):
             acc = T.decl_buffer((tile * rows,), accumulator, scope="local")
             t = task // block_rows
@@ -448,15 +490,15 @@ def bsr_primfunc(shape: PairedBSRShape) -> tir.PrimFunc:
                     acc[T.ramp((i * vectors + v) * lanes, 1, lanes)] = T.broadcast(zero, lanes)
             for b in T.serial(indptr[r], indptr[r + 1]):
                 c = indices[b]
-                for p in T.unroll(pairs):  # a weight vector loaded once, for every row of the tile
+                for p in T.unroll(words):  # a weight vector loaded once, for every row of the tile
                     for v in T.unroll(vectors):
-                        weights = w32[T.ramp((b * pairs + p) * rows + v * lanes, 1, lanes)]
+                        weights = w32[T.ramp((b * words + p) * rows + v * lanes, 1, lanes)]
                         for i in T.unroll(tile):
-                            # X's int32 word (row, column pair): a constant offset from the
+                            # X's int32 word (row, column group): a constant offset from the
                             # task's row and the block's column (X comes padded to whole tiles)
-                            word = T.broadcast(x32[(t * tile + i) * k_words + c * pairs + p], lanes)
+                            word = T.broadcast(x32[(t * tile + i) * k_words + c * words + p], lanes)
                             base = (i * vectors + v) * lanes
-                            acc[T.ramp(base, 1, lanes)] = _pair_mac(
+                            acc[T.ramp(base, 1, lanes)] = _group_mac(
                                 precision, lanes, acc[T.ramp(base, 1, lanes)], word, weights
                             )
             # Unrolled, and read in the same lanes-wide vectors the sums were added in: then

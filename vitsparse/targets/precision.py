@@ -2,7 +2,9 @@
 
     fp32  every target
     int8  x86 CPUs with AVX2 (int8 values in int16 pairs through `vpmaddwd`, 8 lanes; 16 with
-          AVX-512BW). ARM (sdot) and CUDA (dp4a) int8 kernels are not built yet: refused.
+          AVX-512BW); ARM CPUs with the dot product (`sdot`, int8 quads, 4 lanes: the ``arm82``
+          preset, or ``+dotprod`` in a target's mattr). CUDA (dp4a) int8 kernels are not built
+          yet: refused.
     bf16  x86 CPUs with AVX512-BF16 (`vdpbf16ps`, 16 lanes); refused elsewhere, naming what the
           target lacks (ARM and CUDA bf16 kernels are not built yet).
     fp16  needs ARMv8.2 FP16 or CUDA; no kernels yet: refused, naming what the target lacks.
@@ -49,9 +51,17 @@ def _is_x86(target) -> bool:
     return target.kind.name == "llvm" and (not triple or triple.startswith(("x86", "i686")))
 
 
+def _is_aarch64(target) -> bool:
+    triple = str(target.attrs.get("mtriple", "") or "")
+    return target.kind.name == "llvm" and triple.startswith(("aarch64", "arm64"))
+
+
 def int8_lanes(spec: TargetSpec) -> int:
-    """int32 lanes of the int8 kernels on ``spec`` (16 with AVX-512BW, 8 with AVX2), else 0."""
+    """int32 lanes of the int8 kernels on ``spec`` (16 with AVX-512BW, 8 with AVX2, 4 on ARM
+    with the dot product), else 0."""
     target = spec.target
+    if _is_aarch64(target):
+        return 4 if _has(target, "dotprod") else 0
     if not _is_x86(target):
         return 0
     if _has(target, "avx512bw"):
@@ -88,9 +98,15 @@ def check_precision(spec: TargetSpec, precision: str) -> str:
             return precision
         if _is_x86(target):
             raise TargetError(f"int8 needs AVX2 on x86 and {where} lacks it")
+        if _is_aarch64(target):
+            raise TargetError(
+                f"int8 on ARM needs the dot product extension (sdot, ARMv8.2 +dotprod) and "
+                f"{where} lacks it; use --target arm82 for a core that has it "
+                "(Cortex-A55/A76 and later, Neoverse, Graviton2), or fp32"
+            )
         raise TargetError(
-            f"int8 kernels exist for x86 CPUs with AVX2 only; {where} is not one "
-            "(ARM sdot and CUDA dp4a kernels are not built yet)"
+            f"int8 kernels exist for x86 CPUs with AVX2 and ARM CPUs with the dot product; "
+            f"{where} is neither (CUDA dp4a kernels are not built yet)"
         )
     if precision == "bf16":
         if bf16_lanes(spec):

@@ -82,6 +82,20 @@ PRESETS: Mapping[str, _Preset] = {
         },
         key="arm-aarch64-neon",
     ),
+    # The ARMv8.2-A extensions the reduced precisions need, as mattr flags on the same generic
+    # CPU: the dot product (sdot, int8) and half-precision arithmetic (fp16). Optional in v8.2,
+    # present on Cortex-A55/A75/A76 and later, Neoverse N1/V1, Graviton2/3 and the Raspberry Pi 5.
+    "arm82": _Preset(
+        description="64-bit ARMv8.2-A Linux with NEON, dot product and fp16 (int8 runs on sdot)",
+        target={
+            "kind": "llvm",
+            "mtriple": "aarch64-linux-gnu",
+            "mattr": ["+neon", "+v8.2a", "+dotprod", "+fullfp16"],
+            "mcpu": "generic",
+            **_FAST_MATH,
+        },
+        key="arm-aarch64-v82-dotprod",
+    ),
     "cuda": _Preset(
         description="NVIDIA GPU (arch from cuda_arch, default sm_80), host code for this machine",
         target={"kind": "cuda", "arch": _Fill.CUDA_ARCH},
