@@ -3,6 +3,7 @@ against the PyTorch model of the same int8 computation, calibration, and the ref
 
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 
@@ -32,8 +33,8 @@ from vitsparse.pruning.block_mask import block_mask_plan
 from vitsparse.pruning.calibrate import calibrate
 from vitsparse.pruning.compose import compose_plan
 from vitsparse.pruning.fractions import structure_plan
-from vitsparse.schedules import paired
-from vitsparse.targets import check_precision, resolve_target
+from vitsparse.schedules import cases, paired
+from vitsparse.targets import check_precision, int8_kernels, int8_lanes, resolve_target
 
 DIGITS = "vitsparse/digits_vit"
 HOST = resolve_target("x86").target  # this machine's CPU, as detected
@@ -118,7 +119,7 @@ def test_arm_int8_kernels_compile_to_sdot():
     int8 quads and multiply with `sdot` (run on the emulated device: tests/test_arm_qemu.py)."""
     spec = resolve_target("arm82")
     lanes = 4
-    assert paired.variant("int8", lanes) == "int8dot"
+    assert int8_kernels(spec) == "int8dot" and int8_lanes(spec) == lanes
     dense_shape = paired.PairedDenseShape(12, 64, 32, "none", 6, lanes, "int8dot")
     kept = np.ones((2, 4), bool)
     q = np.random.default_rng(0).integers(-127, 128, (32, 64)).astype(np.int8)
@@ -132,6 +133,30 @@ def test_arm_int8_kernels_compile_to_sdot():
         assert "sdot\tv" in asm, asm[:2000]
     with pytest.raises(ValueError, match="K=66 of 4"):
         paired.PairedDenseShape(12, 66, 32, "none", 6, lanes, "int8dot")
+
+
+@pytest.mark.parametrize("kind", ["dense", "bsr"])
+def test_vnni_int8_kernels_offset_x_and_sum_exactly(kind):
+    """int8vnni (x86 with AVX512-VNNI): X stored as Xq + 128 (uint8), `vpdpbusd` sums, less
+    C = 128 * sum_k Wq, exactly the int8 sums (a case's expected output is computed from the
+    unoffset integers in float64). Compiled for znver4; run where this host has VNNI."""
+    assert int8_kernels(resolve_target(ZNVER4)) == "int8vnni"
+    no_vnni = {"kind": "llvm", "mcpu": "skylake-avx512"}
+    assert int8_kernels(resolve_target(no_vnni)) == "int8"
+    assert int8_kernels(resolve_target({"kind": "llvm", "mcpu": "haswell"})) == "int8"
+    if kind == "dense":
+        case = cases.paired_dense_case(37, 200, 64, 16, "int8vnni", seed=4)
+    else:
+        case = cases.paired_bsr_case(50, 128, 64, (16, 16), 0.4, 16, "int8vnni", seed=4)
+    x = case.args[0][: 37 if kind == "dense" else 50]  # (BSR pads X to whole row tiles)
+    assert x.dtype == np.uint8 and x.min() >= 1
+    lib = tvm.compile(case.mod, tvm.target.Target(ZNVER4))
+    assert "vpdpbusd" in lib.mod.inspect_source("asm")
+    if not bool(tvm.target.codegen.target_has_features("avx512vnni", HOST)):
+        pytest.skip("this host's CPU lacks AVX512-VNNI: compiled, not run")
+    args = [tvm.runtime.tensor(a) for a in case.args]
+    lib["main"](*args)
+    np.testing.assert_allclose(args[-1].numpy(), case.expected, rtol=1e-6, atol=1e-5)
 
 
 def test_weight_quantization_is_per_output_channel_and_symmetric():
@@ -341,7 +366,7 @@ def test_every_quantized_layer_becomes_an_int8_kernel(tmp_path):
         DIGITS, precision="int8", calib="digits", calib_size=4, dump_dir=tmp_path
     )
     lowered = (tmp_path / "lower.py").read_text()
-    calls = lowered.count("cls.int8_dense")
+    calls = len(re.findall(r"cls\.int8(?:vnni|dot)?_dense", lowered))
     assert calls == len(compiled.quantization.scales) == 16, calls
     assert "vitsparse.quantization" in (tmp_path / "annotate.py").read_text()
 

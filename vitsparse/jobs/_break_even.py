@@ -24,7 +24,7 @@ from vitsparse.schedules.cases import (
     paired_dense_case,
 )
 from vitsparse.schedules.paired import bsr_lanes
-from vitsparse.targets import TargetSpec, paired_lanes
+from vitsparse.targets import TargetSpec, int8_kernels, paired_lanes
 
 DENSITIES = (0.95, 0.85, 0.7, 0.5)
 PAIRED_DENSITIES = (0.7, 0.5, 0.35, 0.2, 0.1)
@@ -51,17 +51,18 @@ def _measure(
     spec: TargetSpec, m: int, k: int, n: int, block: tuple[int, int], precision: str
 ) -> float:
     lanes = paired_lanes(spec, precision)
-    if lanes and not bsr_lanes(precision, lanes, block, k):
+    kernels = int8_kernels(spec) if precision == "int8" else precision
+    if lanes and not bsr_lanes(kernels, lanes, block, k):
         return 0.0  # no paired BSR kernel for this block: the layer stays dense
     if lanes:
-        dense = paired_dense_case(m, k, n, lanes, precision)
+        dense = paired_dense_case(m, k, n, lanes, kernels)
     else:
         dense = dense_case(m, k, n, spec.target)
     dense_lib = compile_module(dense.mod, spec.target)
     points = []  # (density, bsr_ms / dense_ms), measured side by side
     for density in PAIRED_DENSITIES if lanes else DENSITIES:
         if lanes:
-            case = paired_bsr_case(m, k, n, block, density, lanes, precision)
+            case = paired_bsr_case(m, k, n, block, density, lanes, kernels)
         else:
             case = bsr_case(m, k, n, block, density, spec.target)
         what = f"{m}x{k}x{n} block {block[0]}x{block[1]} density {case.density:.2f}"

@@ -25,7 +25,7 @@ from vitsparse.plan import PruningPlan, apply_plan_to_torch, validate_plan
 from vitsparse.plan.quantize import Quantization, quantized_layers
 from vitsparse.pruning.calibrate import calibrate
 from vitsparse.pruning.onnx_masks import validate_onnx_plan
-from vitsparse.targets import TargetSpec, int8_lanes
+from vitsparse.targets import TargetSpec, int8_kernels, int8_lanes
 
 
 def compile_model(
@@ -190,6 +190,7 @@ def prepare(
         dump_dir=Path(dump_dir) if dump_dir is not None else None,
         quantization=quantization,
         int8_lanes=int8_lanes(spec) if quantization is not None else 0,
+        int8_kernels=int8_kernels(spec) if quantization is not None else "int8",
         precision=precision,
         bf16_layers=bf16_layers,
     )

@@ -7,6 +7,7 @@ from collections.abc import Callable
 import numpy as np
 
 from vitsparse._tvm import IRModule, relax, struct_shape, tvm
+from vitsparse.schedules import paired
 
 
 def copy_module(mod: IRModule) -> IRModule:
@@ -119,3 +120,12 @@ def bf16_input(mutator: relax.PyExprMutator, expr):
     if narrowed is None or str(narrowed.attrs.dtype) != "bfloat16":
         return None
     return widened.args[0]
+
+
+def stored_input(q, kernels: str):
+    """Fake-quantized integers ``q`` (float32 in [-127, 127], `fake_quant_input`) as the int8
+    kernel variant ``kernels`` takes its X: plus the variant's offset, in its X storage dtype."""
+    offset = paired.OFFSET.get(kernels)
+    if offset is not None:
+        q = relax.op.add(q, relax.const(np.float32(offset), "float32"))
+    return relax.op.astype(q, paired.X_STORAGE[kernels])

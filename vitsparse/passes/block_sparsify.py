@@ -36,6 +36,7 @@ from vitsparse.passes._rewrite import (
     fake_quant_input,
     op_call,
     rewrite_relax_functions,
+    stored_input,
 )
 from vitsparse.plan.quantize import bf16_bits, dequant_scales, quantize_weight
 from vitsparse.schedules import bsr, paired
@@ -48,13 +49,21 @@ BreakEven = Callable[[int, int, int, tuple[int, int]], float]
 @relax.expr_functor.mutator
 class _BlockSparsifyMutator(relax.PyExprMutator):
     def __init__(
-        self, mod, break_even: BreakEven, decisions: list, kernels: dict, lanes: int, bf16: bool
+        self,
+        mod,
+        break_even: BreakEven,
+        decisions: list,
+        kernels: dict,
+        lanes: int,
+        bf16: bool,
+        int8_kernels: str = "int8",
     ):
         super().__init__(mod)
         self.break_even = break_even
         self.decisions = decisions
         self.kernels = kernels  # GlobalVar -> BSRShape of the (float) kernels added
         self.int8_lanes = lanes
+        self.int8_kernels = int8_kernels
         self.bf16 = bf16
 
     def _call(self, expr, name):
@@ -116,7 +125,8 @@ class _BlockSparsifyMutator(relax.PyExprMutator):
         if quantized is not None or rounded is not None:
             precision = "int8" if quantized is not None else "bf16"
             lanes = self.int8_lanes if quantized is not None else 16
-            if not paired.bsr_lanes(precision, lanes, block, k):
+            kernels = self.int8_kernels if quantized is not None else "bf16"
+            if not paired.bsr_lanes(kernels, lanes, block, k):
                 decision["kernel"] = "dense"  # no paired BSR kernel for this block
                 return None
             decision["precision"] = precision
@@ -145,9 +155,8 @@ class _BlockSparsifyMutator(relax.PyExprMutator):
     def _lower_int8(self, x_shape, rows, bias, weight, kept, block, q_input, activation_scale):
         element_kept = np.kron(kept, np.ones(block, dtype=bool))
         q, w_scale = quantize_weight(np.where(element_kept, weight, 0))
-        lanes = self.int8_lanes
-        kernels = paired.variant("int8", lanes)
-        xq = self.builder_.emit(relax.op.astype(q_input, paired.STORAGE[kernels]))
+        lanes, kernels = self.int8_lanes, self.int8_kernels
+        xq = self.builder_.emit(stored_input(q_input, kernels))
         scale = dequant_scales(activation_scale, w_scale)
         return self._lower_paired(kernels, lanes, x_shape, xq, rows, bias, q, kept, block, scale)
 
@@ -169,10 +178,11 @@ class _BlockSparsifyMutator(relax.PyExprMutator):
             x = emit(relax.op.reshape(x, (rows, k)))
         if shape.padded_m != rows:  # whole row tiles: the kernel's loads need no clamp
             x = emit(relax.op.nn.pad(x, [0, shape.padded_m - rows, 0, 0]))
-        consts = (packed.data, packed.indices, packed.indptr, scale, bias.astype(np.float32))
+        comp = paired.compensation(values, precision)
+        consts = (packed.data, packed.indices, packed.indptr, comp, scale, bias.astype(np.float32))
         out = relax.call_tir(
             gvar,
-            [x, *(relax.const(a) for a in consts)],
+            [x, *(relax.const(a) for a in consts if a is not None)],
             relax.TensorType((rows, n), "float32"),
         )
         if len(x_shape) == 2:
@@ -194,11 +204,13 @@ class BlockSparsify:
         decisions: list | None = None,
         *,
         int8_lanes: int = 0,
+        int8_kernels: str = "int8",
         bf16: bool = False,
     ):
         self.break_even = break_even
         self.decisions = decisions if decisions is not None else []
         self.int8_lanes = int8_lanes
+        self.int8_kernels = int8_kernels
         self.bf16 = bf16
 
     def transform_module(self, mod, _ctx):
@@ -206,7 +218,13 @@ class BlockSparsify:
         mod = rewrite_relax_functions(
             mod,
             lambda m: _BlockSparsifyMutator(
-                m, self.break_even, self.decisions, kernels, self.int8_lanes, self.bf16
+                m,
+                self.break_even,
+                self.decisions,
+                kernels,
+                self.int8_lanes,
+                self.bf16,
+                self.int8_kernels,
             ),
         )
 

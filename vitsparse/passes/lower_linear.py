@@ -42,6 +42,7 @@ from vitsparse.passes._rewrite import (
     fake_quant_input,
     op_call,
     rewrite_relax_functions,
+    stored_input,
 )
 from vitsparse.plan.quantize import bf16_bits, dequant_scales, quantize_weight
 from vitsparse.schedules import dense, paired
@@ -63,10 +64,11 @@ class _Linear:
 
 @relax.expr_functor.mutator
 class _LowerLinearMutator(relax.PyExprMutator):
-    def __init__(self, mod, int8_lanes: int = 0, bf16: bool = False):
+    def __init__(self, mod, int8_lanes: int = 0, bf16: bool = False, int8_kernels="int8"):
         super().__init__(mod)
         self.kernels: dict = {}
         self.int8_lanes = int8_lanes
+        self.int8_kernels = int8_kernels
         self.bf16 = bf16
 
     # -- matching -----------------------------------------------------------------------------
@@ -144,8 +146,8 @@ class _LowerLinearMutator(relax.PyExprMutator):
 
     def _emit_int8(self, lin: _Linear, q_input, activation_scale: float):
         q, w_scale = quantize_weight(lin.weight)
-        kernels = paired.variant("int8", self.int8_lanes)
-        x = self.builder_.emit(relax.op.astype(q_input, paired.STORAGE[kernels]))
+        kernels = self.int8_kernels
+        x = self.builder_.emit(stored_input(q_input, kernels))
         scale = dequant_scales(activation_scale, w_scale)
         return self._emit_paired(lin, kernels, self.int8_lanes, x, q, scale)
 
@@ -175,14 +177,11 @@ class _LowerLinearMutator(relax.PyExprMutator):
         if key not in self.kernels:
             func = paired.dense_primfunc(shape).with_attr("op_pattern", OPAQUE)
             self.kernels[key] = self.builder_.add_func(func, f"{precision}_dense")
+        comp = paired.compensation(values, precision)
+        consts = [paired.pack_dense(values, lanes, precision), comp, scale, bias]
         out = relax.call_tir(
             self.kernels[key],
-            [
-                x,
-                relax.const(paired.pack_dense(values, lanes, precision)),
-                relax.const(scale),
-                relax.const(bias),
-            ],
+            [x, *(relax.const(c) for c in consts if c is not None)],
             relax.TensorType((rows, n_pad), "float32"),
         )
         if n_pad != n:
@@ -213,15 +212,16 @@ class LowerLinear:
     kernels for fake-quantized inputs where ``int8_lanes`` is set, bf16 kernels for bf16-rounded
     inputs with ``bf16``."""
 
-    def __init__(self, int8_lanes: int = 0, bf16: bool = False):
+    def __init__(self, int8_lanes: int = 0, bf16: bool = False, int8_kernels: str = "int8"):
         self.int8_lanes = int8_lanes
+        self.int8_kernels = int8_kernels
         self.bf16 = bf16
 
     def transform_module(self, mod, _ctx):
         kernels: dict = {}
 
         def first(m):
-            mutator = _LowerLinearMutator(m, self.int8_lanes, self.bf16)
+            mutator = _LowerLinearMutator(m, self.int8_lanes, self.bf16, self.int8_kernels)
             mutator.kernels = kernels
             return mutator
 

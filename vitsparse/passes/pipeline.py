@@ -81,7 +81,8 @@ class PipelineConfig:
     masked layer's decision is appended to ``decisions``. ``database`` is a MetaSchedule
     database whose records the schedule phase applies first. ``precision`` names the
     reduced layers' arithmetic: ``"int8"`` needs ``quantization`` (the activation scales), the
-    ``graph`` and ``int8_lanes`` (the target's int8 kernel width); ``"bf16"`` needs
+    ``graph``, ``int8_lanes`` (the target's int8 kernel width) and ``int8_kernels`` (its int8
+    kernel variant, `schedules.paired.INT8_VARIANTS`); ``"bf16"`` needs
     ``bf16_layers`` (PyTorch layer names, `plan.quantize.quantized_layers`) and the ``graph``.
     """
 
@@ -96,6 +97,7 @@ class PipelineConfig:
     dump_dir: Path | None = None
     quantization: Quantization | None = None
     int8_lanes: int = 0
+    int8_kernels: str = "int8"
     precision: str = "fp32"
     bf16_layers: tuple[str, ...] = ()
 
@@ -142,6 +144,7 @@ def _sparsify(config: PipelineConfig) -> list:
                 break_even,
                 config.decisions,
                 int8_lanes=config.int8_lanes,
+                int8_kernels=config.int8_kernels,
                 bf16=config.precision == "bf16",
             )
         )
@@ -154,7 +157,9 @@ def _lower(config: PipelineConfig) -> list:
         return []
     return [
         PatchEmbedToDense(),
-        LowerLinear(config.int8_lanes, bf16=config.precision == "bf16"),
+        LowerLinear(
+            config.int8_lanes, bf16=config.precision == "bf16", int8_kernels=config.int8_kernels
+        ),
         relax.transform.RemoveRedundantReshape(),
     ]
 

@@ -56,13 +56,14 @@ def paired_dense_case(
     m: int, k: int, n: int, lanes: int, precision: str = "int8", *, seed: int = 0
 ) -> KernelCase:
     """The int8 or bf16 dense kernel (``lanes`` wide) for an (m, k) input and (n, k) weight."""
-    precision = paired.variant(precision, lanes)
     x, q, scale, b, y = _paired_operands(m, k, n, precision, seed)
     tile = dense.choose_row_tile(m)
     shape = paired.PairedDenseShape(m, k, n, "none", tile, lanes, precision)
     mod = IRModule({"main": paired.scheduled_dense(shape)})
-    args = [x, paired.pack_dense(q, lanes, precision), scale, b, y]
-    return KernelCase(mod, args, _paired_expected(x, q, scale, b), 1.0)
+    comp = paired.compensation(q, precision)
+    consts = [paired.pack_dense(q, lanes, precision), comp, scale, b]
+    args = [x, *(c for c in consts if c is not None), y]
+    return KernelCase(mod, args, _paired_expected(x, q, scale, b, precision), 1.0)
 
 
 def paired_bsr_case(
@@ -79,7 +80,6 @@ def paired_bsr_case(
     """The int8 or bf16 BSR kernel for an (n, k) weight keeping ``round(density * blocks)`` of
     its blocks (at least one), drawn as `bsr_case` draws them."""
     lanes = paired.bsr_lanes(precision, lanes, tuple(block), k)
-    precision = paired.variant(precision, lanes)
     x, q, scale, b, y = _paired_operands(m, k, n, precision, seed)
     kept = _random_blocks(n, k, block, density, seed)
     packed = paired.pack_bsr(q, kept, tuple(block), precision)
@@ -88,9 +88,12 @@ def paired_bsr_case(
     shape = paired.PairedBSRShape(m, k, n, tuple(block), nnzb, tile, lanes, precision)
     mod = IRModule({"main": paired.bsr_primfunc(shape).with_attr("global_symbol", "main")})
     x_padded = np.pad(x, ((0, shape.padded_m - m), (0, 0)))
-    args = [x_padded, packed.data, packed.indices, packed.indptr, scale, b, y]
     masked = np.where(np.kron(kept, np.ones(block, dtype=bool)), q, np.zeros_like(q))
-    return KernelCase(mod, args, _paired_expected(x, masked, scale, b), float(kept.mean()))
+    comp = paired.compensation(masked, precision)
+    consts = [packed.data, packed.indices, packed.indptr, comp, scale, b]
+    args = [x_padded, *(c for c in consts if c is not None), y]
+    expected = _paired_expected(x, masked, scale, b, precision)
+    return KernelCase(mod, args, expected, float(kept.mean()))
 
 
 def check_kernel(case: KernelCase, output: np.ndarray, what: str, rtol: float = 1e-4) -> None:
@@ -130,7 +133,8 @@ def _paired_operands(m: int, k: int, n: int, precision: str, seed: int):
         x = bf16_bits(rng.standard_normal((m, k), dtype=np.float32))
         q = bf16_bits(rng.standard_normal((n, k), dtype=np.float32))
         return x, q, np.ones(n, np.float32), b, np.zeros((m, n), np.float32)
-    x = rng.integers(-127, 128, (m, k)).astype(paired.STORAGE[precision])
+    x = rng.integers(-127, 128, (m, k)) + paired.OFFSET.get(precision, 0)
+    x = x.astype(paired.X_STORAGE[precision])
     q = rng.integers(-127, 128, (n, k)).astype(np.int8)
     scale = (rng.random(n) * 1e-4).astype(np.float32)
     return x, q, scale, b, np.zeros((m, n), np.float32)
@@ -143,5 +147,6 @@ def _values(stored: np.ndarray) -> np.ndarray:
     return stored.astype(np.float64)  # int8 products and their sums are exact in float64
 
 
-def _paired_expected(x, q, scale, b) -> np.ndarray:
-    return ((_values(x) @ _values(q).T) * scale + b).astype(np.float32)
+def _paired_expected(x, q, scale, b, precision: str) -> np.ndarray:
+    values = _values(x) - paired.OFFSET.get(precision, 0)
+    return ((values @ _values(q).T) * scale + b).astype(np.float32)

@@ -2,6 +2,7 @@
 x86 CPUs, int8 on ARM CPUs with the dot-product extension.
 
     int8     Y = epilogue(float(Xq @ Wq^T) * S + b), the sums exact in int32 (x86: pairs)
+    int8vnni the same computation on x86 with AVX512-VNNI: quads per lane through `vpdpbusd`
     int8dot  the same computation on ARM: quads of int8 per lane through `sdot`
     bf16     Y = epilogue(X_bf16 @ W_bf16^T + b), the sums in float32 (S = 1)
 
@@ -14,6 +15,12 @@ symmetric in [-127, 127]; `vitsparse.plan.quantize`), stored as int16, so that e
 saturation (the unsigned-by-signed byte multiply, `vpmaddubsw`, saturates its int16 pair sums on
 int8 x int8 data). One ``lanes``-wide `vpmaddwd` does ``2 * lanes`` multiply-adds: twice an fp32
 FMA of the same width. On CPUs with AVX512-VNNI, LLVM fuses it with the add into `vpdpwssd`.
+
+int8vnni: `vpdpbusd` multiplies unsigned bytes by signed bytes, four per int32 lane, without
+saturating (its ``s`` form saturates). So X is stored offset, ``Xq + 128`` as uint8 (1..255), W
+as int8, and the kernel subtracts ``C[n] = 128 * sum_k Wq[n, k]`` (an int32 per output column,
+computed at compile time; a BSR weight's over its kept blocks) from each exact int32 sum before
+dequantizing: the same sums as int8's, with twice its multiply-adds per instruction.
 
 int8dot: the same int8 values stored as int8, four per word, and each multiply is ARMv8.2's
 `sdot` (FEAT_DotProd): per int32 lane, the four products of two int8 quads added to the sum, exact.
@@ -57,21 +64,26 @@ from vitsparse._tvm import Schedule, T, TensorIntrin, te, tir, topi, tvm
 from vitsparse.schedules import dense
 
 KERNEL_ATTR = "vitsparse.kernel"
-PRECISIONS = ("int8", "bf16", "int8dot")  # kernel variants (`variant`)
+PRECISIONS = ("int8", "bf16", "int8dot", "int8vnni")  # kernel variants (`variant`)
+INT8_VARIANTS = ("int8", "int8dot", "int8vnni")
 DENSE_KERNELS = {p: f"{p}-dense" for p in PRECISIONS}
 BSR_KERNELS = {p: f"{p}-bsr" for p in PRECISIONS}
 EPILOGUES = ("none", "gelu")
-LANES = {"int8": (8, 16), "bf16": (16,), "int8dot": (4,)}
-STORAGE = {"int8": "int16", "bf16": "uint16", "int8dot": "int8"}  # how X and W are stored
-GROUP = {"int8": 2, "bf16": 2, "int8dot": 4}  # stored values per 32-bit word
-ACCUMULATOR = {"int8": "int32", "bf16": "float32", "int8dot": "int32"}
+LANES = {"int8": (8, 16), "bf16": (16,), "int8dot": (4,), "int8vnni": (16,)}
+STORAGE = {"int8": "int16", "bf16": "uint16", "int8dot": "int8", "int8vnni": "int8"}  # W
+X_STORAGE = {**STORAGE, "int8vnni": "uint8"}  # X, where it differs from W
+OFFSET = {"int8vnni": 128}  # added to X's values; the kernel takes C and subtracts it
+GROUP = {"int8": 2, "bf16": 2, "int8dot": 4, "int8vnni": 4}  # stored values per 32-bit word
+ACCUMULATOR = {"int8": "int32", "bf16": "float32", "int8dot": "int32", "int8vnni": "int32"}
 _PMADDWD = {8: "llvm.x86.avx2.pmadd.wd", 16: "llvm.x86.avx512.pmaddw.d.512"}
 _SDOT = "llvm.aarch64.neon.sdot.v4i32.v16i8"
+_VPDPBUSD = "llvm.x86.avx512.vpdpbusd.512"
 INTRINSICS = {
     ("int8", 8): "vitsparse_pmaddwd_8x2",
     ("int8", 16): "vitsparse_pmaddwd_16x2",
     ("bf16", 16): "vitsparse_dpbf16ps_16x2",
     ("int8dot", 4): "vitsparse_sdot_4x4",
+    ("int8vnni", 16): "vitsparse_vpdpbusd_16x4",
 }
 _DPBF16PS = "vitsparse_dpbf16ps"
 # acc + the bf16 pair products of a and b, given as int32 words (two bf16 per word).
@@ -102,12 +114,12 @@ def lanes_for(target) -> int:
     return 0
 
 
-def variant(precision: str, lanes: int) -> str:
-    """The kernel variant of ``precision`` at a target's widest ``lanes``: int8 at NEON's 4
-    int32 lanes is `sdot`'s ``int8dot``; otherwise the precision itself."""
-    if precision == "int8" and lanes in LANES["int8dot"]:
-        return "int8dot"
-    return precision
+def compensation(values: np.ndarray, precision: str) -> np.ndarray | None:
+    """``C[n] = OFFSET * sum_k values[n, k]`` (int32) for a variant that offsets X, else None."""
+    offset = OFFSET.get(precision)
+    if offset is None:
+        return None
+    return (offset * values.astype(np.int64).sum(axis=1)).astype(np.int32)
 
 
 def register_intrinsics() -> None:
@@ -129,13 +141,13 @@ def _value(stored, precision: str):
 def _group_mac(precision: str, lanes: int, acc, words, weights):
     """``acc`` plus the group products of ``words`` and ``weights`` (``lanes`` int32 words, each
     holding one group of stored values): `vpmaddwd` + add, `sdot`, or `vdpbf16ps`."""
-    if precision == "int8dot":
+    if precision in ("int8dot", "int8vnni"):
         quads = f"int8x{4 * lanes}"
         return tir.call_llvm_pure_intrin(
             f"int32x{lanes}",
-            _SDOT,
+            _SDOT if precision == "int8dot" else _VPDPBUSD,
             acc,
-            tir.reinterpret(quads, words),
+            tir.reinterpret(f"{X_STORAGE[precision]}x{4 * lanes}", words),
             tir.reinterpret(quads, weights),
         )
     if precision == "int8":
@@ -151,11 +163,11 @@ def _group_mac(precision: str, lanes: int, acc, words, weights):
 
 def _intrinsic(precision: str, lanes: int):
     storage, accumulator = STORAGE[precision], ACCUMULATOR[precision]
-    vector, group = f"{accumulator}x{lanes}", GROUP[precision]
+    vector, group, x_storage = f"{accumulator}x{lanes}", GROUP[precision], X_STORAGE[precision]
 
     @T.prim_func(s_tir=True)
     def desc(
-        a: T.Buffer((group,), storage, offset_factor=1),
+        a: T.Buffer((group,), x_storage, offset_factor=1),
         b: T.Buffer((lanes, group), storage, offset_factor=1),
         c: T.Buffer((lanes,), accumulator, offset_factor=1),
     ) -> None:
@@ -170,14 +182,14 @@ def _intrinsic(precision: str, lanes: int):
 
     @T.prim_func(s_tir=True)
     def impl(
-        a: T.Buffer((group,), storage, offset_factor=1),
+        a: T.Buffer((group,), x_storage, offset_factor=1),
         b: T.Buffer((lanes, group), storage, offset_factor=1),
         c: T.Buffer((lanes,), accumulator, offset_factor=1),
     ) -> None:
         with T.sblock("root"):
             T.reads(c[0:lanes], a[0:group], b[0:lanes, 0:group])
             T.writes(c[0:lanes])
-            word = T.reinterpret(a.vload([0], f"{storage}x{group}"), dtype="int32")
+            word = T.reinterpret(a.vload([0], f"{x_storage}x{group}"), dtype="int32")
             c[T.ramp(T.int32(0), 1, lanes)] = _group_mac(
                 precision,
                 lanes,
@@ -207,7 +219,7 @@ def stored(values: np.ndarray, precision: str) -> np.ndarray:
     want = "uint16" if precision == "bf16" else "int8"
     if values.dtype != np.dtype(want):
         raise TypeError(f"{precision} kernels take {want} values, not {values.dtype}")
-    return values.astype(STORAGE[precision], copy=False)
+    return values.astype(STORAGE[precision], copy=False)  # W's storage (X's may differ)
 
 
 def pack_dense(values: np.ndarray, lanes: int, precision: str) -> np.ndarray:
@@ -283,11 +295,15 @@ class PairedDenseShape:
         return math.ceil(self.m / self.row_tile) * self.row_tile
 
 
-def _epilogue(acc, scale, bias, m: int, n: int, epilogue: str):
+def _epilogue(acc, comp, scale, bias, m: int, n: int, epilogue: str):
     gelu = epilogue == "gelu"
+
+    def sums(i, j):  # the exact sums, less X's offset where the variant has one
+        return acc[i, j] if comp is None else acc[i, j] - comp[j]
+
     pre = te.compute(
         (m, n),
-        lambda i, j: acc[i, j].astype("float32") * scale[j] + bias[j],
+        lambda i, j: sums(i, j).astype("float32") * scale[j] + bias[j],
         name="dequant" if gelu else "epilogue",
     )
     if not gelu:
@@ -298,10 +314,11 @@ def _epilogue(acc, scale, bias, m: int, n: int, epilogue: str):
 
 
 def dense_primfunc(shape: PairedDenseShape) -> tir.PrimFunc:
-    """Unscheduled PrimFunc (X, Wp, S, B) -> Y for one dense workload."""
+    """Unscheduled PrimFunc (X, Wp, [C,] S, B) -> Y for one dense workload (C, the offset's
+    compensation, for the variants in ``OFFSET``)."""
     m, k_dim, n, lanes, precision = shape.m, shape.k, shape.n, shape.lanes, shape.precision
     storage, g = STORAGE[precision], GROUP[precision]
-    x = te.placeholder((m, k_dim), storage, name="X")
+    x = te.placeholder((m, k_dim), X_STORAGE[precision], name="X")
     w = te.placeholder((n // lanes, k_dim // g, lanes, g), storage, name="W")
     scale = te.placeholder((n,), "float32", name="S")
     bias = te.placeholder((n,), "float32", name="B")
@@ -315,8 +332,10 @@ def dense_primfunc(shape: PairedDenseShape) -> tir.PrimFunc:
         ),
         name="dense",
     )
-    y = _epilogue(acc, scale, bias, m, n, shape.epilogue)
-    func = te.create_prim_func([x, w, scale, bias, y]).without_attr("global_symbol")
+    comp = te.placeholder((n,), "int32", name="C") if precision in OFFSET else None
+    y = _epilogue(acc, comp, scale, bias, m, n, shape.epilogue)
+    consts = [w, scale, bias] if comp is None else [w, comp, scale, bias]
+    func = te.create_prim_func([x, *consts, y]).without_attr("global_symbol")
     return func.with_attrs(
         {
             KERNEL_ATTR: DENSE_KERNELS[precision],
@@ -335,7 +354,7 @@ def _precision_of(func, kernels: dict) -> str | None:
 
 
 def dense_shape_of(func: tir.PrimFunc) -> PairedDenseShape:
-    x_buf, y_buf = func.params[0], func.params[4]
+    x_buf, y_buf = func.params[0], func.params[-1]
     return PairedDenseShape(
         m=int(x_buf.shape[0]),
         k=int(x_buf.shape[1]),
@@ -437,7 +456,6 @@ def bsr_lanes(precision: str, lanes: int, block: tuple[int, int], k: int) -> int
     target's widest ``lanes``; 0 where no BSR kernel fits (block rows not a multiple of a lane
     width, block columns or K not a multiple of the group)."""
     rows, cols = block
-    precision = variant(precision, lanes)
     if cols % GROUP[precision] or k % GROUP[precision]:
         return 0
     fits = [width for width in LANES[precision] if width <= lanes and rows % width == 0]
@@ -457,8 +475,8 @@ def choose_bsr_row_tile(rows: int, lanes: int, m: int) -> int:
 
 
 def bsr_primfunc(shape: PairedBSRShape) -> tir.PrimFunc:
-    """The scheduled BSR kernel (X, data, indices, indptr, S, B) -> Y; X has ``padded_m`` rows
-    (the rows past M are read, never written back)."""
+    """The scheduled BSR kernel (X, data, indices, indptr, [C,] S, B) -> Y; X has ``padded_m``
+    rows (the rows past M are read, never written back); C as in `dense_primfunc`."""
     m, k, n, lanes, precision = shape.m, shape.k, shape.n, shape.lanes, shape.precision
     rows, cols = shape.block
     group = GROUP[precision]
@@ -466,19 +484,14 @@ def bsr_primfunc(shape: PairedBSRShape) -> tir.PrimFunc:
     k_words, padded_m = k // group, shape.padded_m
     tiles, block_rows, nnzb = shape.padded_m // tile, n // rows, shape.nnzb
     storage, accumulator = STORAGE[precision], ACCUMULATOR[precision]
+    x_storage, offset = X_STORAGE[precision], precision in OFFSET
     zero = tir.const(0, accumulator)
 
-    @T.prim_func(s_tir=True)
-    def kernel(
-        x: T.Buffer((padded_m, k), storage),
-        data: T.Buffer((nnzb, words, rows, group), storage),
-        indices: T.Buffer((nnzb,), "int32"),
-        indptr: T.Buffer((block_rows + 1,), "int32"),
-        scale: T.Buffer((n,), "float32"),
-        bias: T.Buffer((n,), "float32"),
-        y: T.Buffer((m, n), "float32"),
-    ):
-        T.func_attr({"tirx.noalias": True})
+    def sums(value, comp, column):  # the exact sums, less X's offset where the variant has one
+        return value - comp[column] if offset else value
+
+    @T.macro
+    def compute(x, data, indices, indptr, comp, scale, bias, y):
         x32 = T.decl_buffer((padded_m * k_words,), "int32", data=x.data)
         w32 = T.decl_buffer((nnzb * words * rows,), "int32", data=data.data)
         for task in T.parallel(tiles * block_rows):
@@ -507,11 +520,51 @@ def bsr_primfunc(shape: PairedBSRShape) -> tir.PrimFunc:
                 if t * tile + i < m:
                     for v in T.unroll(vectors):
                         for lane in T.vectorized(lanes):
+                            # (a name bound inside the vectorized loop would not vectorize)
                             y[t * tile + i, r * rows + v * lanes + lane] = (
-                                T.cast(acc[(i * vectors + v) * lanes + lane], "float32")
+                                T.cast(
+                                    sums(
+                                        acc[(i * vectors + v) * lanes + lane],
+                                        comp,
+                                        r * rows + v * lanes + lane,
+                                    ),
+                                    "float32",
+                                )
                                 * scale[r * rows + v * lanes + lane]
                                 + bias[r * rows + v * lanes + lane]
                             )
+
+    # One body, two signatures: C only where the variant offsets X.
+    if offset:
+
+        @T.prim_func(s_tir=True)
+        def kernel(
+            x: T.Buffer((padded_m, k), x_storage),
+            data: T.Buffer((nnzb, words, rows, group), storage),
+            indices: T.Buffer((nnzb,), "int32"),
+            indptr: T.Buffer((block_rows + 1,), "int32"),
+            comp: T.Buffer((n,), "int32"),
+            scale: T.Buffer((n,), "float32"),
+            bias: T.Buffer((n,), "float32"),
+            y: T.Buffer((m, n), "float32"),
+        ):
+            T.func_attr({"tirx.noalias": True})
+            compute(x, data, indices, indptr, comp, scale, bias, y)
+
+    else:
+
+        @T.prim_func(s_tir=True)
+        def kernel(
+            x: T.Buffer((padded_m, k), x_storage),
+            data: T.Buffer((nnzb, words, rows, group), storage),
+            indices: T.Buffer((nnzb,), "int32"),
+            indptr: T.Buffer((block_rows + 1,), "int32"),
+            scale: T.Buffer((n,), "float32"),
+            bias: T.Buffer((n,), "float32"),
+            y: T.Buffer((m, n), "float32"),
+        ):
+            T.func_attr({"tirx.noalias": True})
+            compute(x, data, indices, indptr, None, scale, bias, y)
 
     if precision == "bf16":  # link bf16's multiply-add in, once per kernel
         pragma = tvm.ir.StringImm(_DPBF16PS_IR)

@@ -47,8 +47,9 @@ class Kernel:
     @property
     def takes_indices(self) -> bool:
         """Whether an input is an index buffer the runner cannot fill validly (gathers and the
-        like; the BSR kernel's indices it can)."""
-        if self.is_bsr:
+        like; the BSR kernel's indices it can, and a paired dense kernel's int32 input is its
+        offset's compensation, which any values time)."""
+        if self.is_bsr or self.is_paired_dense:
             return False
         return any(str(p.dtype) in ("int32", "int64") for p in self.func.params[:-1])
 

@@ -26,6 +26,7 @@ _API = {
     "DEFAULT_PRECISION": _PRECISION,
     "PRECISIONS": _PRECISION,
     "check_precision": _PRECISION,
+    "int8_kernels": _PRECISION,
     "int8_lanes": _PRECISION,
     "paired_lanes": _PRECISION,
     "with_precision": _PRECISION,

@@ -2,9 +2,9 @@
 
     fp32  every target
     int8  x86 CPUs with AVX2 (int8 values in int16 pairs through `vpmaddwd`, 8 lanes; 16 with
-          AVX-512BW); ARM CPUs with the dot product (`sdot`, int8 quads, 4 lanes: the ``arm82``
-          preset, or ``+dotprod`` in a target's mattr). CUDA (dp4a) int8 kernels are not built
-          yet: refused.
+          AVX-512BW; int8 quads through `vpdpbusd` with AVX512-VNNI); ARM CPUs with the dot
+          product (`sdot`, int8 quads, 4 lanes: the ``arm82`` preset, or ``+dotprod`` in a
+          target's mattr). CUDA (dp4a) int8 kernels are not built yet: refused.
     bf16  x86 CPUs with AVX512-BF16 (`vdpbf16ps`, 16 lanes); refused elsewhere, naming what the
           target lacks (ARM and CUDA bf16 kernels are not built yet).
     fp16  needs ARMv8.2 FP16 or CUDA; no kernels yet: refused, naming what the target lacks.
@@ -26,6 +26,7 @@ __all__ = [
     "DEFAULT_PRECISION",
     "PRECISIONS",
     "check_precision",
+    "int8_kernels",
     "int8_lanes",
     "paired_lanes",
     "with_precision",
@@ -67,6 +68,20 @@ def int8_lanes(spec: TargetSpec) -> int:
     if _has(target, "avx512bw"):
         return 16
     return 8 if _has(target, "avx2") else 0
+
+
+def int8_kernels(spec: TargetSpec) -> str:
+    """The int8 kernel variant of ``spec`` (`schedules.paired.INT8_VARIANTS`): ``int8dot``
+    (`sdot`) on ARM, ``int8vnni`` (`vpdpbusd`) on x86 with AVX512-VNNI and AVX-512BW, else
+    ``int8`` (`vpmaddwd`); "" where ``spec`` has no int8 kernels."""
+    lanes = int8_lanes(spec)
+    if not lanes:
+        return ""
+    if _is_aarch64(spec.target):
+        return "int8dot"
+    if lanes == 16 and _has(spec.target, "avx512vnni"):
+        return "int8vnni"
+    return "int8"
 
 
 def bf16_lanes(spec: TargetSpec) -> int:
