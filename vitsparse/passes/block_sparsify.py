@@ -14,10 +14,10 @@ becomes the kernel's epilogue. The kernels are tiled for the current target (``w
 A layer whose input AnnotateQuantization fake-quantized becomes the int8 BSR kernel of
 ``schedules.paired`` where ``int8_lanes`` is set: its masked weight quantized per output channel
 (`plan.quantize.quantize_weight`, the same values as the dense int8 path), its input's integers
-stored as the kernel takes them (int16 on x86, int8 on ARM). With ``bf16``, a layer whose input
-AnnotateBF16 rounded becomes the bf16 BSR kernel, its kept blocks rounded to bf16 bits. The
-break-even given is the precision's own (an int8 or bf16 compile measures its BSR kernel against
-its dense kernel).
+stored as the kernel variant takes them (`_rewrite.stored_input`). With ``bf16``, a layer whose
+input AnnotateBF16 rounded becomes the bf16 BSR kernel, its kept blocks rounded to bf16 bits.
+The break-even given is the precision's own (an int8 or bf16 compile measures its BSR kernel
+against its dense kernel).
 """
 
 from __future__ import annotations

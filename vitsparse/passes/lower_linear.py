@@ -18,12 +18,13 @@ input feature (an MLP pruned to one neuron) has no reduction loop to schedule an
 A layer whose input AnnotateQuantization fake-quantized becomes the int8 kernel of
 ``schedules.paired`` instead (with ``int8_lanes``, the target's `vpmaddwd` or `sdot` width): the
 weight is quantized per output channel at compile time (`plan.quantize.quantize_weight`), the
-input's integers are stored as the kernel takes them (int16 pairs on x86, int8 quads on ARM,
-padded to whole groups), and the kernel dequantizes its int32 sums with ``S = s_x * s_w``. With
-``bf16``, a layer whose input AnnotateBF16 rounded becomes the bf16 kernel: the weight rounded
-to bf16 bits at compile time (`plan.quantize.bf16_bits`), the input's bf16 tensor viewed as its
-uint16 bits, ``S = 1``. Both are opaque to FuseOps (their producers, the quantization or
-rounding, fuse with whatever precedes them instead).
+input's integers are stored as the kernel variant takes them (`_rewrite.stored_input`: int16
+pairs, uint8 quads offset by 128 with VNNI, int8 quads on ARM; padded to whole groups), and the
+kernel dequantizes its int32 sums with ``S = s_x * s_w``. With ``bf16``, a layer whose input
+AnnotateBF16 rounded becomes the bf16 kernel: the weight rounded to bf16 bits at compile time
+(`plan.quantize.bf16_bits`), the input's bf16 tensor viewed as its uint16 bits, ``S = 1``. Both
+are opaque to FuseOps (their producers, the quantization or rounding, fuse with whatever
+precedes them instead).
 """
 
 from __future__ import annotations
