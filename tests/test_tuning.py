@@ -127,7 +127,7 @@ def test_bsr_kernels_are_searched_and_their_records_compiled(tmp_path):
     assert not any(k.takes_indices for k in kernels)  # the runner fills BSR indices validly
     database = dbmod.open_target_database(tmp_path, spec, create=True)
     lines = []
-    (result,) = tune_kernels(kernels[:1], spec, database, budget=9, say=lines.append)
+    (result,) = tune_kernels(kernels[:1], spec, database, budget=5, say=lines.append)
     assert result.hand_ms is not None and result.trials_after > 1  # seed + searched trials
     assert result.best_ms <= result.hand_ms
     assert any("Trial #" in line for line in lines)
@@ -220,3 +220,24 @@ def test_kill_9_during_tune_loses_at_most_the_batch_in_flight(tmp_path):
     assert counts == sorted(counts) and counts[0] < counts[1] < counts[2], counts
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert "already spent" in again.stderr, again.stderr[-2000:]  # progress goes to stderr
+
+
+def test_metaschedule_skips_tvms_tensor_intrinsics_until_a_search_needs_them():
+    """TuneContext and MetaSchedule's builder workers import tvm.s_tir.tensor_intrin, whose
+    __init__ parses every intrinsic TVM ships (~40 s per process here); vitsparse's shell
+    package makes that import free, and `load` brings in what a CPU search's default rules
+    name. In a fresh process, as a user's `tune` starts."""
+    script = (
+        "import sys, time; import vitsparse._tvm as t\n"
+        "from vitsparse import _tvm_intrin\n"
+        "start = time.time(); t.ms.TuneContext(task_name='x'); took = time.time() - start\n"
+        "mods = [m for m in sys.modules if m.startswith(_tvm_intrin.PACKAGE + '.')]\n"
+        "assert took < 5 and not mods, (took, mods)\n"
+        "assert t.TensorIntrin.get('dot_16x4_vnni', allow_missing=True) is None\n"
+        "_tvm_intrin.load('llvm')\n"
+        "assert t.TensorIntrin.get('dot_16x4_vnni') is not None\n"
+        "assert _tvm_intrin.PACKAGE + '.cuda' not in sys.modules\n"
+        "print('ok')\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-2000:]

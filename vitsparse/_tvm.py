@@ -19,7 +19,9 @@ from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir import schedule as s_schedule
 from tvm.script import tirx as T
 
-from vitsparse import errors
+from vitsparse import _tvm_intrin, errors
+
+_tvm_intrin.install()  # before MetaSchedule imports the whole package (see its docstring)
 
 # TVM's runtime sizes its CPU thread pool once, the first time it runs parallel code, from
 # TVM_NUM_THREADS (or OMP_NUM_THREADS), else from half the machine's logical CPUs on x86 (one

@@ -9,6 +9,7 @@ import os
 import tempfile
 from collections.abc import Callable
 
+from vitsparse import _tvm_intrin
 from vitsparse._tvm import ms
 from vitsparse.devices.rpc import RpcDevice, rpc_runner
 from vitsparse.devices.threads import set_num_threads
@@ -23,7 +24,9 @@ def builder_for(spec: TargetSpec):
     export = None
     if spec.cross_compiler:
         export = functools.partial(_cross_export, cross_compiler=spec.cross_compiler)
-    return ms.builder.LocalBuilder(timeout_sec=BUILD_TIMEOUT, f_export=export)
+    return ms.builder.LocalBuilder(
+        timeout_sec=BUILD_TIMEOUT, f_export=export, initializer=_tvm_intrin.install
+    )
 
 
 def runner_for(

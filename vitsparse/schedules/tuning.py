@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from vitsparse import _tvm_intrin
 from vitsparse._tvm import IRModule, ms, relax, structural_hash, tir, tvm
 from vitsparse.schedules import bsr, cpu_rules, dense, paired
 
@@ -152,6 +153,7 @@ def search(
 ) -> None:
     """MetaSchedule's search: ``trials`` trials over ``kernels`` (weighted by their calls),
     each measured batch committed to ``database``."""
+    _tvm_intrin.load(target.kind.name)  # what MetaSchedule's default rules tensorize with
     contexts = [
         ms.TuneContext(
             mod=k.workload(),
