@@ -1,7 +1,7 @@
 """The emulated ARM device: an aarch64 TVM runtime under qemu-user, registered with a real tracker
 on 127.0.0.1 as "arm-qemu". deit_tiny compiled for aarch64+NEON, dense and block-sparse, runs
-there through RPC and matches PyTorch; int8 on the dot product (``arm82``) matches its
-fake-quant reference; latency is reported as emulated.
+there through RPC and matches PyTorch; int8 on the dot product (``arm82``) and fp16 on the
+widening multiply-add (``arm84``) match their references; latency is reported as emulated.
 
 Skipped, with the reason, where scripts/setup_arm_qemu.sh could not build the device (`make
 install` runs it)."""
@@ -9,6 +9,7 @@ install` runs it)."""
 import numpy as np
 import pytest
 import torch
+from _compiled import assert_within_reference_noise
 
 from vitsparse.cli import main
 from vitsparse.data.sources import load_images
@@ -70,33 +71,65 @@ def test_deit_tiny_runs_on_the_emulated_arm_device(arm_device, deit, pruned):
     assert len(result.seconds) == 1 and result.seconds[0] > 0
 
 
-@pytest.mark.parametrize("pruned", [False, True], ids=["dense", "bsr"])
-def test_int8_on_sdot_runs_on_the_emulated_device_and_matches_its_reference(arm_device, pruned):
+def _mlp_blocks_plan(model, model_id):
+    """Half the blocks of every MLP layer: with no break-even measured for a remote target, the
+    MLP layers become BSR kernels and attention's qkv and proj stay dense, one compile covering
+    both kernels of a precision."""
+    mlp = [name for name, _ in model.named_modules() if name.endswith(("mlp.fc1", "mlp.fc2"))]
+    return block_mask_plan(model, model_id=model_id, block=(16, 16), keep=0.5, layers=mlp)
+
+
+def _run_on(arm_device, compiled, images):
+    timing = Timing(repeat=1, number=1, warmup=0)
+    result = measure(compiled.executable, compiled.spec, [images], rpc=arm_device, timing=timing)
+    assert result.device == "rpc:arm-qemu (emulated)"
+    return result.output
+
+
+def test_int8_on_sdot_runs_on_the_emulated_device_and_matches_its_reference(arm_device):
     """--precision int8 --target arm82: the digits ViT calibrated, its linear layers int8 `sdot`
-    kernels (every masked layer an int8 BSR kernel: no break-even is measured for a remote
-    target), run on the emulated device and held to the PyTorch fake-quant model."""
+    kernels, dense and BSR, run on the emulated device and held to the PyTorch fake-quant
+    model."""
     model, model_id = load_torch_model("vitsparse/digits_vit")
-    plan = block_mask_plan(model, model_id=model_id, block=(16, 16), keep=0.5) if pruned else None
+    plan = _mlp_blocks_plan(model, model_id)
     compiled = compile_model(
         model_id, target="arm82", batch=4, plan=plan, precision="int8", calib="digits"
     )
     assert compiled.spec.key == "arm-aarch64-v82-dotprod-int8"
-    if pruned:
-        assert {(d["kernel"], d.get("precision")) for d in compiled.sparsity_decisions} == {
-            ("bsr", "int8")
-        }
+    decisions = {(d["kernel"], d.get("precision")) for d in compiled.sparsity_decisions}
+    depth = len(model.blocks)
+    assert decisions == {("bsr", "int8")} and len(compiled.sparsity_decisions) == 2 * depth
+    assert len(compiled.quantization.scales) == 4 * depth  # the dense qkv and proj are int8 too
     x = load_images("digits", image_size=compiled.input_shape[-1], limit=4).images
-    timing = Timing(repeat=1, number=1, warmup=0)
-    result = measure(compiled.executable, compiled.spec, [x.numpy()], rpc=arm_device, timing=timing)
-    base = model if plan is None else apply_plan_to_torch(model, plan)
+    output = _run_on(arm_device, compiled, x.numpy())
+    base = apply_plan_to_torch(model, plan)
     with torch.no_grad():
         reference = fake_quant_model(base, compiled.quantization)(x).numpy()
         fp32 = base(x).numpy()
-    errors = np.abs(result.output - reference).max(axis=1)
+    errors = np.abs(output - reference).max(axis=1)
     # exact but for rounding ties (tests/test_precision.py says why one image may flip)
     assert (errors <= 1e-2).all() and (errors <= 1e-4).sum() >= 3, errors
-    assert np.abs(result.output - fp32).max() > 1e-3  # int8, not the float model
-    assert result.device == "rpc:arm-qemu (emulated)"
+    assert np.abs(output - fp32).max() > 1e-3  # int8, not the float model
+
+
+def test_fp16_on_fmlal_runs_on_the_emulated_device_and_matches_its_reference(arm_device):
+    """--precision fp16 --target arm84: the digits ViT's linear layers fp16 `fmlal` kernels
+    (fp16 products summed in fp32), dense and BSR, run on the emulated device and held to the
+    PyTorch fp16 model; the asm has fmlal and fmlal2."""
+    model, model_id = load_torch_model("vitsparse/digits_vit")
+    plan = _mlp_blocks_plan(model, model_id)
+    compiled = compile_model(model_id, target="arm84", batch=4, plan=plan, precision="fp16")
+    assert compiled.spec.key == "arm-aarch64-v84-fp16fml-fp16"
+    depth = len(model.blocks)
+    assert compiled.precision == "fp16" and len(compiled.reduced_layers) == 4 * depth
+    decisions = {(d["kernel"], d.get("precision")) for d in compiled.sparsity_decisions}
+    assert decisions == {("bsr", "fp16")} and len(compiled.sparsity_decisions) == 2 * depth
+    asm = compiled.executable.mod.imports[0].inspect_source("asm")
+    assert "fmlal\t" in asm and "fmlal2\t" in asm
+    x = load_images("digits", image_size=compiled.input_shape[-1], limit=4).images
+    output = _run_on(arm_device, compiled, x.numpy())
+    base = apply_plan_to_torch(model, plan)
+    assert_within_reference_noise(output, base, "fp16", x)  # as bf16's, on x86
 
 
 def test_bench_reports_emulated_latency_as_emulated(arm_device):

@@ -99,7 +99,7 @@ def _require(tool: str) -> None:
 
 
 def test_list_presets():
-    assert list_presets() == ["arm", "arm82", "cuda", "x86"]
+    assert list_presets() == ["arm", "arm82", "arm84", "cuda", "x86"]
 
 
 @pytest.mark.skipif(detect_host().isa != "x86_64", reason="the x86 preset needs an x86-64 host")

@@ -52,8 +52,9 @@ def precision_args(p: argparse.ArgumentParser, calib: str | None = None) -> None
         choices=PRECISIONS,
         default=DEFAULT_PRECISION,
         help="numeric precision of the blocks' linear layers (default fp32): bf16 (x86 with "
-        f"avx512_bf16) or int8 (x86 with AVX2, calibrated on {calib or '--calib'}); refused, "
-        "with the reason, where the target lacks it",
+        "avx512_bf16), fp16 (ARM with fp16 multiply-add into fp32: --target arm84) or int8 "
+        f"(x86 with AVX2, ARM with the dot product; calibrated on {calib or '--calib'}); "
+        "refused, with the reason, where the target lacks it",
     )
     if calib is not None:
         return

@@ -75,10 +75,11 @@ def run(args: argparse.Namespace) -> None:
 
 
 def _precision_line(compiled) -> str:
-    if compiled.precision == "bf16":
+    if compiled.precision in ("bf16", "fp16"):
+        half = compiled.precision
         return (
-            f"bf16: {len(compiled.reduced_layers)} linear layers (bf16 inputs and weights, fp32 "
-            "sums; LayerNorm, softmax, GELU, attention, patch embedding and head in fp32)"
+            f"{half}: {len(compiled.reduced_layers)} linear layers ({half} inputs and weights, "
+            "fp32 sums; LayerNorm, softmax, GELU, attention, patch embedding and head in fp32)"
         )
     if compiled.quantization is None:
         return compiled.precision

@@ -4,9 +4,9 @@ For one linear-layer shape and block size, times the dense kernel and the BSR ke
 densities (random masks) side by side and interpolates the density where they cost the same.
 BlockSparsify keeps a layer dense above it. Measured only where the target runs on this machine
 (a CPU target); elsewhere every masked layer gets the BSR kernel. Results are cached per process.
-An int8 or bf16 compile measures its own kernels (`schedules.paired`: its dense against its BSR)
-down to lower densities (the paired BSR kernels gain less from skipping blocks than the fp32
-one).
+An int8, bf16 or fp16 compile measures its own kernels (`schedules.paired`: its dense against
+its BSR) down to lower densities (the paired BSR kernels gain less from skipping blocks than
+the fp32 one).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from vitsparse.schedules.cases import (
     paired_dense_case,
 )
 from vitsparse.schedules.paired import bsr_lanes
-from vitsparse.targets import TargetSpec, int8_kernels, paired_lanes
+from vitsparse.targets import TargetSpec, paired_kernels, paired_lanes
 
 DENSITIES = (0.95, 0.85, 0.7, 0.5)
 PAIRED_DENSITIES = (0.7, 0.5, 0.35, 0.2, 0.1)
@@ -51,7 +51,7 @@ def _measure(
     spec: TargetSpec, m: int, k: int, n: int, block: tuple[int, int], precision: str
 ) -> float:
     lanes = paired_lanes(spec, precision)
-    kernels = int8_kernels(spec) if precision == "int8" else precision
+    kernels = paired_kernels(spec, precision)
     if lanes and not bsr_lanes(kernels, lanes, block, k):
         return 0.0  # no paired BSR kernel for this block: the layer stays dense
     if lanes:

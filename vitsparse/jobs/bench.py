@@ -108,7 +108,7 @@ def bench(
         None and the report says why.
     precision, calib, calib_size
         The TVM rows' precision (`vitsparse.targets.precision`); int8 calibrates on
-        ``calib_size`` images of ``calib``. An int8 or bf16 row's error is measured against
+        ``calib_size`` images of ``calib``. An int8, bf16 or fp16 row's error is measured against
         the PyTorch model of the same computation (`vitsparse.plan.quantize.reference_model`).
     rpc
         A `vitsparse.devices.RpcDevice`: the TVM rows are built here and measured on a

@@ -53,7 +53,7 @@ def compile_model(
     receives the module after every phase of the pipeline. ``precision`` ``"int8"`` quantizes
     the blocks' linear layers (`vitsparse.plan.quantize`), their activation scales calibrated
     on ``calib_size`` images of ``calib`` (`vitsparse.data.sources`), after the plan;
-    ``"bf16"`` computes the same layers in bf16.
+    ``"bf16"`` and ``"fp16"`` compute the same layers in that half precision (fp32 sums).
     """
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
@@ -130,7 +130,7 @@ def compile_resolved(
         config.decisions,
         quantization,
         precision=config.precision,
-        reduced_layers=config.bf16_layers,
+        reduced_layers=config.half_layers,
     )
 
 
@@ -177,9 +177,9 @@ def prepare(
             validate_plan(plan, imported.torch_model)
         else:  # an ONNX import: block masks of its layers, for its weights
             validate_onnx_plan(plan, imported)
-    bf16_layers: tuple[str, ...] = ()
-    if precision == "bf16":  # after validation: a bad plan is named as such, not as a failure
-        bf16_layers = tuple(quantized_layers(_reduced_model(imported, precision, plan)))
+    half_layers: tuple[str, ...] = ()
+    if precision in ("bf16", "fp16"):  # after validation: a bad plan is named as such
+        half_layers = tuple(quantized_layers(_reduced_model(imported, precision, plan)))
     config = pipeline.PipelineConfig(
         target=spec.target,
         schedule_family=spec.schedule_family,
@@ -192,6 +192,6 @@ def prepare(
         int8_lanes=int8_lanes(spec) if quantization is not None else 0,
         int8_kernels=int8_kernels(spec) if quantization is not None else "int8",
         precision=precision,
-        bf16_layers=bf16_layers,
+        half_layers=half_layers,
     )
     return imported.mod, config, imported.params

@@ -20,8 +20,8 @@
    within budget) and its compiled artifact. Re-running with the same OUT resumes: a candidate in
    the journal is not measured again.
 
-With ``precision`` bf16 or int8 the candidates compile in that precision (int8 calibrated on the
-data's calibration part, for each plan) while the dense model they are measured against stays
+With ``precision`` bf16, fp16 or int8 the candidates compile in that precision (int8 calibrated
+on the data's calibration part, for each plan) while the dense model they are measured against stays
 fp32: a relative budget is of the fp32 model, so the precision's speed counts toward it and
 less has to be pruned. The unpruned model in the precision is measured first: the methods start
 from it and it fits the cost model's correction. A candidate is checked against the PyTorch
@@ -72,7 +72,7 @@ JOURNAL = "journal.jsonl"
 FORMAT = "vitsparse-search/1"
 TIMING = Timing(repeat=5, number=1, warmup=3, min_repeat_ms=25)  # each sample 25 ms or more
 ROUNDS = 3  # a candidate's measurements, each after one of the dense model's
-REDUCED_TOLERANCE = 0.3  # of a bf16/int8 reference's distance from fp32 (see _Loop._measure)
+REDUCED_TOLERANCE = 0.3  # of a reduced precision's distance from fp32 (see _Loop._measure)
 LOWEST = 0.02  # the smallest kept FLOPs fraction a method is asked for
 _KNOBS = {  # the knobs each method plans with in a search
     "magnitude": {"kind": "blocks"},

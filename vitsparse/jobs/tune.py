@@ -115,9 +115,9 @@ def tune(
     disappears mid-job stops it within seconds: TargetError names the device and where the
     records measured before it went are kept.
 
-    ``precision`` int8 or bf16 tunes that model's kernels (int8 calibrated on ``calib``, as
+    ``precision`` int8, bf16 or fp16 tunes that model's kernels (int8 calibrated on ``calib``, as
     compile does) into the precision's own database directory (its target key ends in
-    ``-int8`` or ``-bf16``).
+    ``-int8``, ``-bf16`` or ``-fp16``).
     """
     say = progress or (lambda _msg: None)
     # The target, the database, the plan and the device fail before the (slow) import.

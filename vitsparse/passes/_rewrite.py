@@ -110,16 +110,28 @@ def fake_quant_input(mutator: relax.PyExprMutator, expr):
     return q, float(scale_value)
 
 
-def bf16_input(mutator: relax.PyExprMutator, expr):
-    """The bf16 tensor ``y`` when ``expr`` is AnnotateBF16's rounded form of an input,
-    ``astype(y, "float32")`` with ``y = astype(x, "bfloat16")``, else None."""
+HALF_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}  # a half precision's Relax dtype
+
+
+def half_input(mutator: relax.PyExprMutator, expr, dtype: str):
+    """The half-precision tensor ``y`` when ``expr`` is AnnotateHalf's rounded form of an input,
+    ``astype(y, "float32")`` with ``y = astype(x, dtype)`` (``"bfloat16"`` or ``"float16"``),
+    else None."""
     widened = op_call(bound_value(mutator, expr), "relax.astype")
     if widened is None or str(widened.attrs.dtype) != "float32":
         return None
     narrowed = op_call(bound_value(mutator, widened.args[0]), "relax.astype")
-    if narrowed is None or str(narrowed.attrs.dtype) != "bfloat16":
+    if narrowed is None or str(narrowed.attrs.dtype) != dtype:
         return None
     return widened.args[0]
+
+
+def half_stored(x, half: str):
+    """A ``half``-precision tensor as its kernels take their X: bf16 viewed as its uint16 bits
+    (`schedules.paired.HALF_DTYPES`), fp16 as it is."""
+    if half == "bf16":
+        return relax.op.memory.view(x, dtype=paired.HALF_DTYPES[half])
+    return x
 
 
 def stored_input(q, kernels: str):

@@ -1,4 +1,4 @@
-"""AnnotateQuantization and AnnotateBF16: write reduced precision onto the Relax module.
+"""AnnotateQuantization and AnnotateHalf: write reduced precision onto the Relax module.
 
 The input x of every quantized linear layer (`vitsparse.plan.quantize`: the blocks' qkv, proj,
 fc1 and fc2) becomes its fake-quantized form,
@@ -11,12 +11,13 @@ layer whose input has this form becomes an int8 kernel (the weight quantized per
 at compile time); the float multiply by s_x is then dead. main gets the function attribute
 ``vitsparse.quantization`` (per layer s_x) for people reading a dump.
 
-AnnotateBF16 does the same for bf16: each reduced layer's input x becomes
+AnnotateHalf does the same for the half precisions: with bf16 (fp16) each reduced layer's
+input x becomes
 
-    astype(astype(x, "bfloat16"), "float32")
+    astype(astype(x, "bfloat16"), "float32")        ("float16" for fp16)
 
 (rounded to nearest, ties to even, as PyTorch rounds), which LowerLinear and BlockSparsify read
-back as a bf16 kernel's input, the weight rounded to bf16 at compile time.
+back as a bf16 (fp16) kernel's input, the weight rounded the same way at compile time.
 
 Run them before BindParams: they find the layers by their weights' Relax parameter names, which
 the frontend's ViTGraph maps to PyTorch layer names.
@@ -29,7 +30,7 @@ import numpy as np
 from vitsparse._tvm import relax, tvm
 from vitsparse.errors import PlanError
 from vitsparse.frontend import ViTGraph
-from vitsparse.passes._rewrite import copy_module, op_call
+from vitsparse.passes._rewrite import HALF_DTYPES, copy_module, op_call
 from vitsparse.plan.quantize import QMAX, Quantization
 
 QUANTIZATION_ATTR = "vitsparse.quantization"
@@ -46,9 +47,9 @@ def fake_quant(bb: relax.BlockBuilder, x, scale: float):
     return relax.op.multiply(clipped, relax.const(np.float32(scale), "float32"))
 
 
-def round_bf16(_bb: relax.BlockBuilder, x, _value=None):
-    """Emit x rounded to bf16, as float32 (AnnotateBF16's form)."""
-    return relax.op.astype(relax.op.astype(x, "bfloat16"), "float32")
+def round_half(_bb: relax.BlockBuilder, x, dtype: str):
+    """Emit x rounded to the half ``dtype``, as float32 (AnnotateHalf's form)."""
+    return relax.op.astype(relax.op.astype(x, dtype), "float32")
 
 
 @relax.expr_functor.mutator
@@ -105,20 +106,23 @@ class AnnotateQuantization:
         )
 
 
-@tvm.transform.module_pass(opt_level=0, name="vitsparse.AnnotateBF16")
-class AnnotateBF16:
-    """Round the inputs of ``layers`` (PyTorch layer names) to bf16 in main (see the module
-    docstring)."""
+@tvm.transform.module_pass(opt_level=0, name="vitsparse.AnnotateHalf")
+class AnnotateHalf:
+    """Round the inputs of ``layers`` (PyTorch layer names) to ``precision`` (bf16 or fp16) in
+    main (see the module docstring)."""
 
-    def __init__(self, layers, graph: ViTGraph, func_name: str = "main"):
+    def __init__(self, layers, graph: ViTGraph, precision: str = "bf16", func_name: str = "main"):
+        if precision not in HALF_DTYPES:
+            raise ValueError(f"{precision!r} is not a half precision ({', '.join(HALF_DTYPES)})")
         self.layers = tuple(layers)
         self.graph = graph
+        self.precision = precision
         self.func_name = func_name
 
     def transform_module(self, mod, _ctx):
-        attr = {layer: "bf16" for layer in self.layers}
-        layers = dict.fromkeys(self.layers)
-        return _rewrite_layers(mod, self.graph, layers, round_bf16, self.func_name, attr)
+        attr = {layer: self.precision for layer in self.layers}
+        layers = dict.fromkeys(self.layers, HALF_DTYPES[self.precision])
+        return _rewrite_layers(mod, self.graph, layers, round_half, self.func_name, attr)
 
 
 def _rewrite_layers(mod, graph: ViTGraph, layers: dict, rewrite, func_name: str, attr: dict):

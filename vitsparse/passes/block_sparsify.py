@@ -14,10 +14,10 @@ becomes the kernel's epilogue. The kernels are tiled for the current target (``w
 A layer whose input AnnotateQuantization fake-quantized becomes the int8 BSR kernel of
 ``schedules.paired`` where ``int8_lanes`` is set: its masked weight quantized per output channel
 (`plan.quantize.quantize_weight`, the same values as the dense int8 path), its input's integers
-stored as the kernel variant takes them (`_rewrite.stored_input`). With ``bf16``, a layer whose
-input AnnotateBF16 rounded becomes the bf16 BSR kernel, its kept blocks rounded to bf16 bits.
-The break-even given is the precision's own (an int8 or bf16 compile measures its BSR kernel
-against its dense kernel).
+stored as the kernel variant takes them (`_rewrite.stored_input`). With ``half`` "bf16" or
+"fp16", a layer whose input AnnotateHalf rounded becomes that precision's BSR kernel, its kept
+blocks rounded the same way. The break-even given is the precision's own (an int8, bf16 or fp16
+compile measures its BSR kernel against its dense kernel where it runs on this machine).
 """
 
 from __future__ import annotations
@@ -29,16 +29,18 @@ import numpy as np
 
 from vitsparse._tvm import relax, struct_shape, tvm
 from vitsparse.passes._rewrite import (
+    HALF_DTYPES,
     FuseGeluEpilogue,
-    bf16_input,
     bound_value,
     const_array,
     fake_quant_input,
+    half_input,
+    half_stored,
     op_call,
     rewrite_relax_functions,
     stored_input,
 )
-from vitsparse.plan.quantize import bf16_bits, dequant_scales, quantize_weight
+from vitsparse.plan.quantize import dequant_scales, half_values, quantize_weight
 from vitsparse.schedules import bsr, paired
 
 OPAQUE = 8  # relay's kOpaque op pattern: FuseOps fuses nothing into or after it
@@ -55,7 +57,7 @@ class _BlockSparsifyMutator(relax.PyExprMutator):
         decisions: list,
         kernels: dict,
         lanes: int,
-        bf16: bool,
+        half: str,
         int8_kernels: str = "int8",
     ):
         super().__init__(mod)
@@ -64,7 +66,7 @@ class _BlockSparsifyMutator(relax.PyExprMutator):
         self.kernels = kernels  # GlobalVar -> BSRShape of the (float) kernels added
         self.int8_lanes = lanes
         self.int8_kernels = int8_kernels
-        self.bf16 = bf16
+        self.half = half  # "bf16", "fp16" or "" (`_rewrite.half_input`)
 
     def _call(self, expr, name):
         return op_call(bound_value(self, expr), name)
@@ -121,11 +123,15 @@ class _BlockSparsifyMutator(relax.PyExprMutator):
             return None
         decision["kernel"] = "bsr"
         quantized = fake_quant_input(self, x) if self.int8_lanes else None
-        rounded = bf16_input(self, x) if self.bf16 and quantized is None else None
+        rounded = None
+        if self.half and quantized is None:
+            rounded = half_input(self, x, HALF_DTYPES[self.half])
         if quantized is not None or rounded is not None:
-            precision = "int8" if quantized is not None else "bf16"
-            lanes = self.int8_lanes if quantized is not None else 16
-            kernels = self.int8_kernels if quantized is not None else "bf16"
+            precision = "int8" if quantized is not None else self.half
+            kernels = (
+                self.int8_kernels if quantized is not None else paired.HALF_VARIANTS[precision]
+            )
+            lanes = self.int8_lanes if quantized is not None else paired.LANES[kernels][0]
             if not paired.bsr_lanes(kernels, lanes, block, k):
                 decision["kernel"] = "dense"  # no paired BSR kernel for this block
                 return None
@@ -133,10 +139,11 @@ class _BlockSparsifyMutator(relax.PyExprMutator):
         if quantized is not None:
             return self._lower_int8(x_shape, rows, bias, weight, kept, block, *quantized)
         if rounded is not None:
-            x16 = self.builder_.emit(relax.op.memory.view(rounded, dtype="uint16"))
-            values, scale = bf16_bits(weight), np.ones(weight.shape[0], np.float32)
+            x16 = self.builder_.emit(half_stored(rounded, self.half))
+            values = half_values(weight, self.half)
+            scale = np.ones(weight.shape[0], np.float32)
             return self._lower_paired(
-                "bf16", 16, x_shape, x16, rows, bias, values, kept, block, scale
+                kernels, lanes, x_shape, x16, rows, bias, values, kept, block, scale
             )
         packed = bsr.to_bsr(weight, kept, block)
         shape = bsr.BSRShape.of(rows, packed)
@@ -162,12 +169,13 @@ class _BlockSparsifyMutator(relax.PyExprMutator):
 
     def _lower_paired(self, precision, lanes, x_shape, x, rows, bias, values, kept, block, scale):
         """The paired BSR kernel of ``precision`` on ``x`` (the stored input) and the kept
-        blocks of ``values`` (int8 values or bf16 bits), its sums times ``scale`` plus bias."""
+        blocks of ``values`` (int8 values, bf16 bits or fp16 values), its sums times ``scale``
+        plus bias."""
         emit = self.builder_.emit
         n, k = values.shape
         block_rows, cols = block
-        packed = paired.pack_bsr(values, kept, block, precision)
         lanes = paired.bsr_lanes(precision, lanes, block, k)
+        packed = paired.pack_bsr(values, kept, block, precision, lanes)
         tile = paired.choose_bsr_row_tile(block_rows, lanes, rows)
         shape = paired.PairedBSRShape(
             rows, k, n, block, packed.data.shape[0], tile, lanes, precision
@@ -205,13 +213,13 @@ class BlockSparsify:
         *,
         int8_lanes: int = 0,
         int8_kernels: str = "int8",
-        bf16: bool = False,
+        half: str = "",
     ):
         self.break_even = break_even
         self.decisions = decisions if decisions is not None else []
         self.int8_lanes = int8_lanes
         self.int8_kernels = int8_kernels
-        self.bf16 = bf16
+        self.half = half
 
     def transform_module(self, mod, _ctx):
         kernels: dict = {}
@@ -223,7 +231,7 @@ class BlockSparsify:
                 self.decisions,
                 kernels,
                 self.int8_lanes,
-                self.bf16,
+                self.half,
                 self.int8_kernels,
             ),
         )

@@ -20,9 +20,10 @@ A layer whose input AnnotateQuantization fake-quantized becomes the int8 kernel 
 weight is quantized per output channel at compile time (`plan.quantize.quantize_weight`), the
 input's integers are stored as the kernel variant takes them (`_rewrite.stored_input`: int16
 pairs, uint8 quads offset by 128 with VNNI, int8 quads on ARM; padded to whole groups), and the
-kernel dequantizes its int32 sums with ``S = s_x * s_w``. With ``bf16``, a layer whose input
-AnnotateBF16 rounded becomes the bf16 kernel: the weight rounded to bf16 bits at compile time
-(`plan.quantize.bf16_bits`), the input's bf16 tensor viewed as its uint16 bits, ``S = 1``. Both
+kernel dequantizes its int32 sums with ``S = s_x * s_w``. With ``half`` "bf16" or "fp16", a
+layer whose input AnnotateHalf rounded becomes that precision's kernel (bf16's `vdpbf16ps`,
+fp16's `fmlal` on ARM): the weight rounded at compile time (`plan.quantize.half_values`), the
+input's half tensor as the kernel stores it (bf16 viewed as its uint16 bits), ``S = 1``. Both
 are opaque to FuseOps (their producers, the quantization or rounding, fuse with whatever
 precedes them instead).
 """
@@ -36,16 +37,18 @@ import numpy as np
 
 from vitsparse._tvm import relax, struct_shape, tvm
 from vitsparse.passes._rewrite import (
+    HALF_DTYPES,
     FuseGeluEpilogue,
-    bf16_input,
     bound_value,
     const_array,
     fake_quant_input,
+    half_input,
+    half_stored,
     op_call,
     rewrite_relax_functions,
     stored_input,
 )
-from vitsparse.plan.quantize import bf16_bits, dequant_scales, quantize_weight
+from vitsparse.plan.quantize import dequant_scales, half_values, quantize_weight
 from vitsparse.schedules import dense, paired
 
 OPAQUE = 8  # relay's kOpaque op pattern: FuseOps fuses nothing into or after it
@@ -65,12 +68,12 @@ class _Linear:
 
 @relax.expr_functor.mutator
 class _LowerLinearMutator(relax.PyExprMutator):
-    def __init__(self, mod, int8_lanes: int = 0, bf16: bool = False, int8_kernels="int8"):
+    def __init__(self, mod, int8_lanes: int = 0, half: str = "", int8_kernels="int8"):
         super().__init__(mod)
         self.kernels: dict = {}
         self.int8_lanes = int8_lanes
         self.int8_kernels = int8_kernels
-        self.bf16 = bf16
+        self.half = half  # "bf16", "fp16" or "" (`_rewrite.half_input`)
 
     # -- matching -----------------------------------------------------------------------------
     def _binding(self, expr):
@@ -152,14 +155,16 @@ class _LowerLinearMutator(relax.PyExprMutator):
         scale = dequant_scales(activation_scale, w_scale)
         return self._emit_paired(lin, kernels, self.int8_lanes, x, q, scale)
 
-    def _emit_bf16(self, lin: _Linear, bf16_x):
-        x = self.builder_.emit(relax.op.memory.view(bf16_x, dtype="uint16"))
+    def _emit_half(self, lin: _Linear, half_x):
+        x = self.builder_.emit(half_stored(half_x, self.half))
         scale = np.ones(lin.weight.shape[0], np.float32)
-        return self._emit_paired(lin, "bf16", 16, x, bf16_bits(lin.weight), scale)
+        kernels = paired.HALF_VARIANTS[self.half]
+        values = half_values(lin.weight, self.half)
+        return self._emit_paired(lin, kernels, paired.LANES[kernels][0], x, values, scale)
 
     def _emit_paired(self, lin: _Linear, precision: str, lanes: int, x, values, scale):
         """The paired kernel of ``precision`` on ``x`` (the stored input) and ``values`` (the
-        weight's int8 values or bf16 bits), its sums times ``scale`` plus the bias."""
+        weight's int8 values, bf16 bits or fp16 values), its sums times ``scale`` plus the bias."""
         emit = self.builder_.emit
         n, k = lin.weight.shape
         bias = lin.bias.astype(np.float32)
@@ -201,28 +206,28 @@ class _LowerLinearMutator(relax.PyExprMutator):
         quantized = fake_quant_input(self, lin.x) if self.int8_lanes else None
         if quantized is not None:
             return self._emit_int8(lin, *quantized)
-        rounded = bf16_input(self, lin.x) if self.bf16 else None
+        rounded = half_input(self, lin.x, HALF_DTYPES[self.half]) if self.half else None
         if rounded is not None:
-            return self._emit_bf16(lin, rounded)
+            return self._emit_half(lin, rounded)
         return self._emit_linear(lin, "none")
 
 
 @tvm.transform.module_pass(opt_level=0, name="vitsparse.LowerLinear")
 class LowerLinear:
     """Rewrite constant-weight linear layers (+ optional GELU) into packed dense kernels; int8
-    kernels for fake-quantized inputs where ``int8_lanes`` is set, bf16 kernels for bf16-rounded
-    inputs with ``bf16``."""
+    kernels for fake-quantized inputs where ``int8_lanes`` is set, bf16 or fp16 kernels for
+    inputs rounded to ``half`` ("bf16" or "fp16")."""
 
-    def __init__(self, int8_lanes: int = 0, bf16: bool = False, int8_kernels: str = "int8"):
+    def __init__(self, int8_lanes: int = 0, half: str = "", int8_kernels: str = "int8"):
         self.int8_lanes = int8_lanes
         self.int8_kernels = int8_kernels
-        self.bf16 = bf16
+        self.half = half
 
     def transform_module(self, mod, _ctx):
         kernels: dict = {}
 
         def first(m):
-            mutator = _LowerLinearMutator(m, self.int8_lanes, self.bf16, self.int8_kernels)
+            mutator = _LowerLinearMutator(m, self.int8_lanes, self.half, self.int8_kernels)
             mutator.kernels = kernels
             return mutator
 

@@ -5,13 +5,13 @@
                weight parameters, shapes that follow, static top-k)
     annotate   the plan's block masks written into the IR (AnnotatePruning); for int8, the
                quantized layers' inputs fake-quantized (AnnotateQuantization); for bf16,
-               rounded to bf16 (AnnotateBF16)
+               rounded to bf16 or fp16 (AnnotateHalf)
     bind       weights become constants (sliced as the structure recorded), so weight
                transposes, masks and packing fold at compile time
     sparsify   annotated layers below their break-even density -> BSR kernels; masks left dense
                fold into their weights
-    lower      linear layers -> packed dense kernels (+ fused GELU) on CPU targets; int8
-               or bf16 kernels (`schedules.paired`) where the input is annotated so
+    lower      linear layers -> packed dense kernels (+ fused GELU) on CPU targets; int8,
+               bf16 or fp16 kernels (`schedules.paired`) where the input is annotated so
     legalize   remaining Relax ops -> TensorIR, with fast-math GELU
     fuse       constant folding, operator fusion, FuseTIR
     schedule   tuned records from the database, hand-written rules for whatever they miss
@@ -29,10 +29,12 @@ from pathlib import Path
 
 import numpy as np
 
+from vitsparse import _tvm_intrin
 from vitsparse._tvm import IRModule, dlight, relax, tir, topi, tvm
 from vitsparse.frontend import ViTGraph
+from vitsparse.passes._rewrite import HALF_DTYPES
 from vitsparse.passes.annotate_pruning import AnnotatePruning
-from vitsparse.passes.annotate_quantization import AnnotateBF16, AnnotateQuantization
+from vitsparse.passes.annotate_quantization import AnnotateHalf, AnnotateQuantization
 from vitsparse.passes.bind_weights import BindWeights, bind_params
 from vitsparse.passes.block_sparsify import BlockSparsify, BreakEven
 from vitsparse.passes.lower_linear import LowerLinear
@@ -82,8 +84,8 @@ class PipelineConfig:
     database whose records the schedule phase applies first. ``precision`` names the
     reduced layers' arithmetic: ``"int8"`` needs ``quantization`` (the activation scales), the
     ``graph``, ``int8_lanes`` (the target's int8 kernel width) and ``int8_kernels`` (its int8
-    kernel variant, `schedules.paired.INT8_VARIANTS`); ``"bf16"`` needs
-    ``bf16_layers`` (PyTorch layer names, `plan.quantize.quantized_layers`) and the ``graph``.
+    kernel variant, `schedules.paired.INT8_VARIANTS`); ``"bf16"`` and ``"fp16"`` need
+    ``half_layers`` (PyTorch layer names, `plan.quantize.quantized_layers`) and the ``graph``.
     """
 
     target: tvm.target.Target
@@ -99,7 +101,7 @@ class PipelineConfig:
     int8_lanes: int = 0
     int8_kernels: str = "int8"
     precision: str = "fp32"
-    bf16_layers: tuple[str, ...] = ()
+    half_layers: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.plan is not None and self.graph is None:
@@ -110,8 +112,13 @@ class PipelineConfig:
             self.quantization is None or self.graph is None or not self.int8_lanes
         ):
             raise ValueError("an int8 pipeline needs quantization, the ViTGraph and int8_lanes")
-        if self.precision == "bf16" and self.graph is None:
-            raise ValueError("a bf16 pipeline needs the model's ViTGraph")
+        if self.precision in HALF_DTYPES and self.graph is None:
+            raise ValueError(f"a {self.precision} pipeline needs the model's ViTGraph")
+
+    @property
+    def half(self) -> str:
+        """The half precision of the reduced layers ("bf16" or "fp16"), "" in fp32 and int8."""
+        return self.precision if self.precision in HALF_DTYPES else ""
 
 
 def _legalize_gelu_fast(bb, call):
@@ -145,7 +152,7 @@ def _sparsify(config: PipelineConfig) -> list:
                 config.decisions,
                 int8_lanes=config.int8_lanes,
                 int8_kernels=config.int8_kernels,
-                bf16=config.precision == "bf16",
+                half=config.half,
             )
         )
     # Folds what the rewrites left of pruning annotations (masked weights kept dense).
@@ -157,9 +164,7 @@ def _lower(config: PipelineConfig) -> list:
         return []
     return [
         PatchEmbedToDense(),
-        LowerLinear(
-            config.int8_lanes, bf16=config.precision == "bf16", int8_kernels=config.int8_kernels
-        ),
+        LowerLinear(config.int8_lanes, half=config.half, int8_kernels=config.int8_kernels),
         relax.transform.RemoveRedundantReshape(),
     ]
 
@@ -168,8 +173,8 @@ def _annotate(config: PipelineConfig) -> list:
     out = [] if config.plan is None else [AnnotatePruning(config.plan, config.graph)]
     if config.quantization is not None:
         out.append(AnnotateQuantization(config.quantization, config.graph))
-    if config.precision == "bf16":
-        out.append(AnnotateBF16(config.bf16_layers, config.graph))
+    if config.half:
+        out.append(AnnotateHalf(config.half_layers, config.graph, config.half))
     return out
 
 
@@ -197,6 +202,7 @@ def _schedule(config: PipelineConfig) -> list:
     if config.precision != "fp32":
         paired.register_intrinsics()  # tuned records replay tensorize with them
     if config.database is not None:
+        _tvm_intrin.load(config.target.kind.name)  # tuned records may tensorize with TVM's
         passes.append(_ApplyDatabase(config.database, config.target))
     rules = cpu_rules if config.schedule_family == "cpu" else gpu_rules
     return passes + [dlight.ApplyDefaultSchedule(*rules.default_rules())]

@@ -1,13 +1,14 @@
-"""Reduced precision (int8 and bf16): what it computes, once, for the compiler and for its
+"""Reduced precision (int8, bf16 and fp16): what it computes, once, for the compiler and for its
 PyTorch reference.
 
 The reduced layers are the blocks' linear layers (qkv, proj, fc1, fc2) with at least two input
 features; the patch embedding, the classifier, attention's matmuls, LayerNorm, softmax and GELU
 stay in float32, in every precision.
 
-bf16: the layer's input and weight are rounded to bfloat16 (to nearest, ties to even), their
-products summed in float32, and the bias added in float32. `bf16_bits` is the compiler's
-rounding, `bf16_model` the reference (the sums in float64).
+bf16 and fp16 (the half precisions, ``HALF``): the layer's input and weight are rounded to
+bfloat16 or IEEE half (to nearest, ties to even), their products summed in float32, and the
+bias added in float32. `half_values` is the compiler's rounding (bf16 as its uint16 bits),
+`half_model` the reference (the sums in float64, where both halves' products are exact).
 
 int8: for a quantized layer with input x, weight W (N, K) and bias b:
 
@@ -132,7 +133,9 @@ def fake_quant_model(model: torch.nn.Module, quantization: Quantization) -> torc
     return out.eval()
 
 
-# -- bf16 ---------------------------------------------------------------------------------------
+# -- bf16 and fp16 -----------------------------------------------------------------------------
+
+HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}  # the half precisions, as PyTorch's dtypes
 
 
 def bf16_bits(values) -> np.ndarray:
@@ -140,29 +143,43 @@ def bf16_bits(values) -> np.ndarray:
     return np.asarray(values, np.float32).astype(ml_dtypes.bfloat16).view(np.uint16)
 
 
-class Bf16Linear(torch.nn.Module):
-    """The bf16 computation of one linear layer in PyTorch (see the module docstring)."""
+def half_values(values, precision: str) -> np.ndarray:
+    """float32 values rounded to ``precision`` (nearest, ties to even) as the kernels store
+    them: bf16 as its uint16 bits, fp16 as float16."""
+    if precision == "bf16":
+        return bf16_bits(values)
+    if precision == "fp16":
+        return np.asarray(values, np.float32).astype(np.float16)
+    raise ValueError(f"{precision!r} is not a half precision ({', '.join(HALF)})")
 
-    def __init__(self, linear: torch.nn.Linear):
+
+class HalfLinear(torch.nn.Module):
+    """The bf16 or fp16 computation of one linear layer in PyTorch (see the module docstring)."""
+
+    def __init__(self, linear: torch.nn.Linear, precision: str = "bf16"):
         super().__init__()
+        self.dtype = HALF[precision]
         weight = linear.weight.detach().float().cpu()
-        self.register_buffer("weight", weight.bfloat16().double())
+        self.register_buffer("weight", weight.to(self.dtype).double())
         bias = linear.bias if linear.bias is not None else torch.zeros(weight.shape[0])
         self.register_buffer("bias", bias.detach().float().clone())
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
     def forward(self, x):
-        sums = F.linear(x.bfloat16().double(), self.weight)  # bf16 products are exact in float64
+        sums = F.linear(x.to(self.dtype).double(), self.weight)  # half products: exact in float64
         return sums.float() + self.bias
 
 
-def bf16_model(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy of ``model`` with each reduced layer (`quantized_layers`) computing in bf16."""
+def half_model(model: torch.nn.Module, precision: str = "bf16") -> torch.nn.Module:
+    """A copy of ``model`` with each reduced layer (`quantized_layers`) computing in
+    ``precision`` (bf16 or fp16)."""
+    if precision not in HALF:
+        raise ValueError(f"{precision!r} is not a half precision ({', '.join(HALF)})")
     out = copy.deepcopy(model)
     for name in quantized_layers(model):
         parent, _, child = name.rpartition(".")
         owner = out.get_submodule(parent)
-        setattr(owner, child, Bf16Linear(getattr(owner, child)))
+        setattr(owner, child, HalfLinear(getattr(owner, child), precision))
     return out.eval()
 
 
@@ -173,8 +190,8 @@ def reference_model(
     fp32; int8 needs the ``quantization``)."""
     if precision == "fp32":
         return model
-    if precision == "bf16":
-        return bf16_model(model)
+    if precision in HALF:
+        return half_model(model, precision)
     if precision == "int8":
         if quantization is None:
             raise ValueError("the int8 reference needs the quantization (activation scales)")

@@ -11,7 +11,7 @@ import ml_dtypes
 import numpy as np
 
 from vitsparse._tvm import IRModule, Schedule
-from vitsparse.plan.quantize import bf16_bits
+from vitsparse.plan.quantize import half_values
 from vitsparse.schedules import bsr, dense, paired
 
 
@@ -55,7 +55,8 @@ def bsr_case(
 def paired_dense_case(
     m: int, k: int, n: int, lanes: int, precision: str = "int8", *, seed: int = 0
 ) -> KernelCase:
-    """The int8 or bf16 dense kernel (``lanes`` wide) for an (m, k) input and (n, k) weight."""
+    """The int8, bf16 or fp16 dense kernel (``lanes`` wide) for an (m, k) input and (n, k)
+    weight."""
     x, q, scale, b, y = _paired_operands(m, k, n, precision, seed)
     tile = dense.choose_row_tile(m)
     shape = paired.PairedDenseShape(m, k, n, "none", tile, lanes, precision)
@@ -77,12 +78,12 @@ def paired_bsr_case(
     *,
     seed: int = 0,
 ) -> KernelCase:
-    """The int8 or bf16 BSR kernel for an (n, k) weight keeping ``round(density * blocks)`` of
+    """The int8, bf16 or fp16 BSR kernel for an (n, k) weight keeping ``round(density * blocks)`` of
     its blocks (at least one), drawn as `bsr_case` draws them."""
     lanes = paired.bsr_lanes(precision, lanes, tuple(block), k)
     x, q, scale, b, y = _paired_operands(m, k, n, precision, seed)
     kept = _random_blocks(n, k, block, density, seed)
-    packed = paired.pack_bsr(q, kept, tuple(block), precision)
+    packed = paired.pack_bsr(q, kept, tuple(block), precision, lanes)
     tile = paired.choose_bsr_row_tile(block[0], lanes, m)
     nnzb = packed.data.shape[0]
     shape = paired.PairedBSRShape(m, k, n, tuple(block), nnzb, tile, lanes, precision)
@@ -126,12 +127,13 @@ def _random_blocks(n: int, k: int, block, density: float, seed: int) -> np.ndarr
 
 def _paired_operands(m: int, k: int, n: int, precision: str, seed: int):
     """(x, weight values, scale, bias, output): int8 values (x stored as ``precision``'s kernels
-    store it, the weight as int8), or bf16 bits."""
+    store it, the weight as int8), bf16 bits or fp16 values."""
     rng = np.random.default_rng(seed)
     b = rng.standard_normal(n, dtype=np.float32)
-    if precision == "bf16":
-        x = bf16_bits(rng.standard_normal((m, k), dtype=np.float32))
-        q = bf16_bits(rng.standard_normal((n, k), dtype=np.float32))
+    half = paired.HALF_OF.get(precision)
+    if half:
+        x = half_values(rng.standard_normal((m, k), dtype=np.float32), half)
+        q = half_values(rng.standard_normal((n, k), dtype=np.float32), half)
         return x, q, np.ones(n, np.float32), b, np.zeros((m, n), np.float32)
     x = rng.integers(-127, 128, (m, k)) + paired.OFFSET.get(precision, 0)
     x = x.astype(paired.X_STORAGE[precision])
@@ -141,7 +143,7 @@ def _paired_operands(m: int, k: int, n: int, precision: str, seed: int):
 
 
 def _values(stored: np.ndarray) -> np.ndarray:
-    """Stored int8 values or bf16 bits as float64 numbers."""
+    """Stored int8 values, bf16 bits or fp16 values as float64 numbers."""
     if stored.dtype == np.uint16:
         return stored.view(ml_dtypes.bfloat16).astype(np.float64)
     return stored.astype(np.float64)  # int8 products and their sums are exact in float64

@@ -1,13 +1,14 @@
 """Linear-layer kernels whose multiply-add takes a group of inputs per lane: int8 and bf16 on
-x86 CPUs, int8 on ARM CPUs with the dot-product extension.
+x86 CPUs, int8 and fp16 on ARM CPUs with the dot-product and half-precision extensions.
 
     int8     Y = epilogue(float(Xq @ Wq^T) * S + b), the sums exact in int32 (x86: pairs)
     int8vnni the same computation on x86 with AVX512-VNNI: quads per lane through `vpdpbusd`
     int8dot  the same computation on ARM: quads of int8 per lane through `sdot`
     bf16     Y = epilogue(X_bf16 @ W_bf16^T + b), the sums in float32 (S = 1)
+    fp16fml  Y = epilogue(X_fp16 @ W_fp16^T + b) on ARM, the sums in float32 (S = 1)
 
-Each stored value is part of a 32-bit word holding ``GROUP`` of them (two int16, two bf16, four
-int8), and one instruction adds, per lane, the products of a word of X and a word of W.
+Each stored value is part of a 32-bit word holding ``GROUP`` of them (two int16, two bf16, two
+fp16, four int8), and one call adds, per lane, the products of a word of X and a word of W.
 
 int8: the values are int8 (activations quantized per tensor, weights per output channel, both
 symmetric in [-127, 127]; `vitsparse.plan.quantize`), stored as int16, so that each multiply is
@@ -26,6 +27,15 @@ int8dot: the same int8 values stored as int8, four per word, and each multiply i
 `sdot` (FEAT_DotProd): per int32 lane, the four products of two int8 quads added to the sum, exact.
 One 128-bit `sdot` does 16 multiply-adds, four times an fp32 NEON FMA.
 
+fp16fml: the values are IEEE half precision (rounded to nearest even from float32), and each
+multiply is ARMv8.2's widening half-precision multiply-add (FEAT_FHM, mandatory from v8.4):
+`fmlal` multiplies the low four halves of two registers and adds the products to four float32
+sums, `fmlal2` the high four. So a vector of W holds a group's two columns one after the other,
+``[w(lanes 0..3, k), w(lanes 0..3, k+1)]`` (``G_MAJOR``), and X's word is spread to
+``[x_k x4, x_k+1 x4]``: the two instructions add both products to each lane's float32 sum, with
+no half-precision rounding of the sums (ARMv8.2's plain fp16 `fmla` would round every sum to
+fp16). Like bf16's, the multiply-add is a short LLVM IR function (``_FMLAL_IR``).
+
 bf16: the values are bfloat16 (rounded to nearest even from float32), stored as their uint16
 bits, and each multiply is AVX512-BF16's `vdpbf16ps`: per float32 lane, the products of two
 bf16 pairs added to the sum. TVM lowers every bfloat16 value to float32 arithmetic, and LLVM's
@@ -35,10 +45,12 @@ bit-casts the int32 words it is given to bf16 vectors. A bf16 kernel's X is uint
 
 Layouts (every variant; G = ``GROUP``). ``X`` is (M, K) with K a multiple of G (the pass pads K
 with zero columns). The dense weight is packed at compile time into panels of ``lanes`` output
-columns holding groups of input columns, ``Wp[n // L, k // G, n % L, k % G] = W[n, k]``, so one
-k group of a panel is one vector. ``S[n]`` dequantizes int8's sums (``s_x * s_w[n]``; ones for
-bf16). A BSR weight keeps, per kept block, the same grouping inside the block:
-``data[b, j // G, i, j % G] = W[r*rows + i, c*cols + j]``.
+columns holding groups of input columns, ``Wp[n // L, k // G, n % L, k % G] = W[n, k]``
+(``Wp[n // L, k // G, k % G, n % L]`` for the ``G_MAJOR`` variants), so one k group of a panel
+is one vector. ``S[n]`` dequantizes int8's sums (``s_x * s_w[n]``; ones for bf16 and fp16). A
+BSR weight keeps, per kept block, the same grouping inside the block: ``data[b, j // G, i, j % G]
+= W[r*rows + i, c*cols + j]`` (G-major: ``data[b, j // G, i // L, j % G, i % L]``, the same words
+in the same place per vector of ``L`` rows).
 
 Kernels.
 - `dense_primfunc` + `schedule_dense_cpu`: the fp32 dense kernel's template (parallel row x
@@ -49,8 +61,8 @@ Kernels.
   body and a data-dependent loop bound cannot both come out of TVM's schedule primitives:
   parallel over (row tile, block-row) tasks, ``row_tile x rows / L`` accumulators, one group
   multiply-add per (row, vector, column group).
-int8 takes ``lanes`` 8 (AVX2, 256-bit) or 16 (AVX-512BW, 512-bit); bf16 takes 16; int8dot 4
-(NEON, 128-bit). `variant` names the kernels of a precision at a target's lanes.
+int8 takes ``lanes`` 8 (AVX2, 256-bit) or 16 (AVX-512BW, 512-bit); bf16 takes 16; int8dot and
+fp16fml 4 (NEON, 128-bit). `variant` names the kernels of a precision at a target's lanes.
 """
 
 from __future__ import annotations
@@ -64,17 +76,27 @@ from vitsparse._tvm import Schedule, T, TensorIntrin, te, tir, topi, tvm
 from vitsparse.schedules import dense
 
 KERNEL_ATTR = "vitsparse.kernel"
-PRECISIONS = ("int8", "bf16", "int8dot", "int8vnni")  # kernel variants (`variant`)
+PRECISIONS = ("int8", "bf16", "int8dot", "int8vnni", "fp16fml")  # kernel variants
 INT8_VARIANTS = ("int8", "int8dot", "int8vnni")
+HALF_VARIANTS = {"bf16": "bf16", "fp16": "fp16fml"}  # a half precision -> its kernel variant
+HALF_OF = {variant: half for half, variant in HALF_VARIANTS.items()}
+HALF_DTYPES = {"bf16": "uint16", "fp16": "float16"}  # how a half precision's values are stored
 DENSE_KERNELS = {p: f"{p}-dense" for p in PRECISIONS}
 BSR_KERNELS = {p: f"{p}-bsr" for p in PRECISIONS}
 EPILOGUES = ("none", "gelu")
-LANES = {"int8": (8, 16), "bf16": (16,), "int8dot": (4,), "int8vnni": (16,)}
-STORAGE = {"int8": "int16", "bf16": "uint16", "int8dot": "int8", "int8vnni": "int8"}  # W
+LANES = {"int8": (8, 16), "bf16": (16,), "int8dot": (4,), "int8vnni": (16,), "fp16fml": (4,)}
+STORAGE = {  # W
+    "int8": "int16",
+    "bf16": "uint16",
+    "int8dot": "int8",
+    "int8vnni": "int8",
+    "fp16fml": "float16",
+}
 X_STORAGE = {**STORAGE, "int8vnni": "uint8"}  # X, where it differs from W
 OFFSET = {"int8vnni": 128}  # added to X's values; the kernel takes C and subtracts it
-GROUP = {"int8": 2, "bf16": 2, "int8dot": 4, "int8vnni": 4}  # stored values per 32-bit word
-ACCUMULATOR = {"int8": "int32", "bf16": "float32", "int8dot": "int32", "int8vnni": "int32"}
+GROUP = {"int8": 2, "bf16": 2, "int8dot": 4, "int8vnni": 4, "fp16fml": 2}  # values per word
+G_MAJOR = ("fp16fml",)  # a vector of W holds the group's columns one after the other
+ACCUMULATOR = {p: "float32" if p in HALF_OF else "int32" for p in PRECISIONS}
 _PMADDWD = {8: "llvm.x86.avx2.pmadd.wd", 16: "llvm.x86.avx512.pmaddw.d.512"}
 _SDOT = "llvm.aarch64.neon.sdot.v4i32.v16i8"
 _VPDPBUSD = "llvm.x86.avx512.vpdpbusd.512"
@@ -84,6 +106,7 @@ INTRINSICS = {
     ("bf16", 16): "vitsparse_dpbf16ps_16x2",
     ("int8dot", 4): "vitsparse_sdot_4x4",
     ("int8vnni", 16): "vitsparse_vpdpbusd_16x4",
+    ("fp16fml", 4): "vitsparse_fmlal_4x2",
 }
 _DPBF16PS = "vitsparse_dpbf16ps"
 # acc + the bf16 pair products of a and b, given as int32 words (two bf16 per word).
@@ -98,7 +121,26 @@ define linkonce_odr <16 x float> @{_DPBF16PS}(<16 x float> %acc, <16 x i32> %a, 
 }}
 declare <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float>, <32 x bfloat>, <32 x bfloat>)
 """
+_FMLAL = "vitsparse_fmlal"
+# acc + the fp16 pair products of a (one word, spread to every lane) and b (G-major halves).
+_FMLAL_IR = f"""
+define linkonce_odr <4 x float> @{_FMLAL}(<4 x float> %acc, <4 x i32> %a, <4 x i32> %b)
+    alwaysinline {{
+  %x = bitcast <4 x i32> %a to <8 x half>
+  %w = bitcast <4 x i32> %b to <8 x half>
+  %s = shufflevector <8 x half> %x, <8 x half> poison,
+                     <8 x i32> <i32 0, i32 0, i32 0, i32 0, i32 1, i32 1, i32 1, i32 1>
+  %lo = call <4 x float> @llvm.aarch64.neon.fmlal.v4f32.v8f16(<4 x float> %acc, <8 x half> %w,
+                                                              <8 x half> %s)
+  %hi = call <4 x float> @llvm.aarch64.neon.fmlal2.v4f32.v8f16(<4 x float> %lo, <8 x half> %w,
+                                                               <8 x half> %s)
+  ret <4 x float> %hi
+}}
+declare <4 x float> @llvm.aarch64.neon.fmlal.v4f32.v8f16(<4 x float>, <8 x half>, <8 x half>)
+declare <4 x float> @llvm.aarch64.neon.fmlal2.v4f32.v8f16(<4 x float>, <8 x half>, <8 x half>)
+"""
 IMPORT_PRAGMA = "pragma_import_llvm"
+IMPORTS = {"bf16": _DPBF16PS_IR, "fp16fml": _FMLAL_IR}  # variants whose multiply-add is LLVM IR
 
 
 def lanes_for(target) -> int:
@@ -131,7 +173,9 @@ def register_intrinsics() -> None:
 
 def _value(stored, precision: str):
     """A stored X or W element as the number it multiplies with (int32, or float32 from its
-    bf16 bits)."""
+    bf16 bits or its fp16 value)."""
+    if precision == "fp16fml":
+        return tir.Cast("float32", stored)
     if precision != "bf16":
         return tir.Cast("int32", stored)
     bits = tir.shift_left(tir.Cast("uint32", stored), tir.const(16, "uint32"))
@@ -140,7 +184,7 @@ def _value(stored, precision: str):
 
 def _group_mac(precision: str, lanes: int, acc, words, weights):
     """``acc`` plus the group products of ``words`` and ``weights`` (``lanes`` int32 words, each
-    holding one group of stored values): `vpmaddwd` + add, `sdot`, or `vdpbf16ps`."""
+    holding one group of stored values): `vpmaddwd` + add, `sdot`, `vdpbf16ps` or `fmlal`."""
     if precision in ("int8dot", "int8vnni"):
         quads = f"int8x{4 * lanes}"
         return tir.call_llvm_pure_intrin(
@@ -158,36 +202,43 @@ def _group_mac(precision: str, lanes: int, acc, words, weights):
             tir.reinterpret(half, words),
             tir.reinterpret(half, weights),
         )
-    return tir.call_extern(f"float32x{lanes}", _DPBF16PS, acc, words, weights)
+    extern = _FMLAL if precision == "fp16fml" else _DPBF16PS
+    return tir.call_extern(f"float32x{lanes}", extern, acc, words, weights)
 
 
 def _intrinsic(precision: str, lanes: int):
     storage, accumulator = STORAGE[precision], ACCUMULATOR[precision]
     vector, group, x_storage = f"{accumulator}x{lanes}", GROUP[precision], X_STORAGE[precision]
 
+    g_major = precision in G_MAJOR
+    b_shape = (group, lanes) if g_major else (lanes, group)
+
+    def weight(b, vi, vk):  # W's value for lane vi, group member vk
+        return _value(b[vk, vi] if g_major else b[vi, vk], precision)
+
     @T.prim_func(s_tir=True)
     def desc(
         a: T.Buffer((group,), x_storage, offset_factor=1),
-        b: T.Buffer((lanes, group), storage, offset_factor=1),
+        b: T.Buffer(b_shape, storage, offset_factor=1),
         c: T.Buffer((lanes,), accumulator, offset_factor=1),
     ) -> None:
         with T.sblock("root"):
-            T.reads(c[0:lanes], a[0:group], b[0:lanes, 0:group])
+            T.reads(c[0:lanes], a[0:group], b[0 : b_shape[0], 0 : b_shape[1]])
             T.writes(c[0:lanes])
             for i in T.serial(0, lanes):
                 for k in T.serial(0, group):
                     with T.sblock("update"):
                         vi, vk = T.axis.remap("SR", [i, k])
-                        c[vi] = c[vi] + _value(a[vk], precision) * _value(b[vi, vk], precision)
+                        c[vi] = c[vi] + _value(a[vk], precision) * weight(b, vi, vk)
 
     @T.prim_func(s_tir=True)
     def impl(
         a: T.Buffer((group,), x_storage, offset_factor=1),
-        b: T.Buffer((lanes, group), storage, offset_factor=1),
+        b: T.Buffer(b_shape, storage, offset_factor=1),
         c: T.Buffer((lanes,), accumulator, offset_factor=1),
     ) -> None:
         with T.sblock("root"):
-            T.reads(c[0:lanes], a[0:group], b[0:lanes, 0:group])
+            T.reads(c[0:lanes], a[0:group], b[0 : b_shape[0], 0 : b_shape[1]])
             T.writes(c[0:lanes])
             word = T.reinterpret(a.vload([0], f"{x_storage}x{group}"), dtype="int32")
             c[T.ramp(T.int32(0), 1, lanes)] = _group_mac(
@@ -215,26 +266,30 @@ def _check(precision: str, lanes: int) -> None:
 
 def stored(values: np.ndarray, precision: str) -> np.ndarray:
     """Values as ``precision``'s kernels store them: int8 -> int16 (x86's int8), int8 as it is
-    (int8dot); bf16 bits (uint16) as they are."""
-    want = "uint16" if precision == "bf16" else "int8"
+    (int8dot, int8vnni); bf16 bits (uint16) and fp16 values as they are."""
+    half = HALF_OF.get(precision)
+    want = HALF_DTYPES[half] if half else "int8"
     if values.dtype != np.dtype(want):
         raise TypeError(f"{precision} kernels take {want} values, not {values.dtype}")
     return values.astype(STORAGE[precision], copy=False)  # W's storage (X's may differ)
 
 
 def pack_dense(values: np.ndarray, lanes: int, precision: str) -> np.ndarray:
-    """(N, K) int8 values or bf16 bits -> (N / L, K / G, L, G) panels (N % L == 0, K % G == 0)."""
+    """(N, K) int8 values, bf16 bits or fp16 values -> (N / L, K / G, L, G) panels ((N / L, K / G,
+    G, L) for the ``G_MAJOR`` variants; N % L == 0, K % G == 0)."""
     n, k = values.shape
     g = GROUP[precision]
+    order = (0, 2, 3, 1) if precision in G_MAJOR else (0, 2, 1, 3)
     return np.ascontiguousarray(
-        stored(values, precision).reshape(n // lanes, lanes, k // g, g).transpose(0, 2, 1, 3)
+        stored(values, precision).reshape(n // lanes, lanes, k // g, g).transpose(order)
     )
 
 
 @dataclass(frozen=True)
 class PairedBSRWeight:
-    """The kept blocks of an int8 or bf16 weight: ``data`` (nnzb, cols / G, rows, G) in the
-    stored dtype, with the BSR ``indices``/``indptr`` of `vitsparse.schedules.bsr`."""
+    """The kept blocks of an int8, bf16 or fp16 weight: ``data`` (nnzb, cols / G, rows, G) in the
+    stored dtype (G-major variants: each vector of ``lanes`` rows' G x L values stored G-major),
+    with the BSR ``indices``/``indptr`` of `vitsparse.schedules.bsr`."""
 
     shape: tuple[int, int]
     block: tuple[int, int]
@@ -244,17 +299,29 @@ class PairedBSRWeight:
 
 
 def pack_bsr(
-    values: np.ndarray, kept: np.ndarray, block: tuple[int, int], precision: str
+    values: np.ndarray,
+    kept: np.ndarray,
+    block: tuple[int, int],
+    precision: str,
+    lanes: int | None = None,
 ) -> PairedBSRWeight:
-    """Pack the kept ``rows x cols`` blocks of the (N, K) int8 values or bf16 bits ``values``
-    for ``precision``'s kernels (``kept``: the (N / rows, K / cols) block bitmap)."""
+    """Pack the kept ``rows x cols`` blocks of the (N, K) int8 values, bf16 bits or fp16 values
+    ``values`` for ``precision``'s kernels (``kept``: the (N / rows, K / cols) block bitmap;
+    ``lanes``, the kernel's, needed by the G-major variants)."""
     n, k = values.shape
     rows, cols = block
     g = GROUP[precision]
     values = stored(values, precision)
     blocks = values.reshape(n // rows, rows, k // cols, cols // g, g)
     r_idx, c_idx = np.nonzero(kept)
-    data = np.ascontiguousarray(blocks.transpose(0, 2, 3, 1, 4)[r_idx, c_idx])
+    data = blocks.transpose(0, 2, 3, 1, 4)[r_idx, c_idx]  # (nnzb, cols / G, rows, G)
+    if precision in G_MAJOR:
+        if lanes is None:
+            raise ValueError(f"{precision} blocks are packed per vector: give the kernel's lanes")
+        nnzb, words = data.shape[:2]
+        data = data.reshape(nnzb, words, rows // lanes, lanes, g).transpose(0, 1, 2, 4, 3)
+        data = data.reshape(nnzb, words, rows, g)  # the same words, G-major per vector
+    data = np.ascontiguousarray(data)
     indices = c_idx.astype(np.int32)
     if data.shape[0] == 0:  # buffers cannot be empty
         data = np.zeros((1, cols // g, rows, g), values.dtype)
@@ -319,15 +386,22 @@ def dense_primfunc(shape: PairedDenseShape) -> tir.PrimFunc:
     m, k_dim, n, lanes, precision = shape.m, shape.k, shape.n, shape.lanes, shape.precision
     storage, g = STORAGE[precision], GROUP[precision]
     x = te.placeholder((m, k_dim), X_STORAGE[precision], name="X")
-    w = te.placeholder((n // lanes, k_dim // g, lanes, g), storage, name="W")
+    g_major = precision in G_MAJOR
+    panel = (g, lanes) if g_major else (lanes, g)
+    w = te.placeholder((n // lanes, k_dim // g, *panel), storage, name="W")
+
+    def weight(j, k):
+        if g_major:
+            return w[j // lanes, k // g, k % g, j % lanes]
+        return w[j // lanes, k // g, j % lanes, k % g]
+
     scale = te.placeholder((n,), "float32", name="S")
     bias = te.placeholder((n,), "float32", name="B")
     k = te.reduce_axis((0, k_dim), "k")
     acc = te.compute(
         (shape.padded_m, n),
         lambda i, j: te.sum(
-            _value(x[te.min(i, m - 1), k], precision)
-            * _value(w[j // lanes, k // g, j % lanes, k % g], precision),
+            _value(x[te.min(i, m - 1), k], precision) * _value(weight(j, k), precision),
             axis=k,
         ),
         name="dense",
@@ -405,8 +479,9 @@ def schedule_dense_cpu(sch: Schedule, knobs: PairedDenseKnobs | None = None) -> 
     sch.unroll(a_v)
     sch.unroll(a_i)
     sch.unroll(k_u)
-    if shape.precision == "bf16":  # the parallel loop: linked once per kernel
-        sch.annotate(sch.get_loops(sch.get_sblock("epilogue"))[0], IMPORT_PRAGMA, _DPBF16PS_IR)
+    if shape.precision in IMPORTS:  # the parallel loop: linked once per kernel
+        loop = sch.get_loops(sch.get_sblock("epilogue"))[0]
+        sch.annotate(loop, IMPORT_PRAGMA, IMPORTS[shape.precision])
 
 
 def is_dense_kernel(func) -> bool:
@@ -566,8 +641,8 @@ def bsr_primfunc(shape: PairedBSRShape) -> tir.PrimFunc:
             T.func_attr({"tirx.noalias": True})
             compute(x, data, indices, indptr, None, scale, bias, y)
 
-    if precision == "bf16":  # link bf16's multiply-add in, once per kernel
-        pragma = tvm.ir.StringImm(_DPBF16PS_IR)
+    if precision in IMPORTS:  # link the LLVM IR multiply-add in, once per kernel
+        pragma = tvm.ir.StringImm(IMPORTS[precision])
         kernel = kernel.with_body(
             tir.AttrStmt(tir.const(0, "int32"), IMPORT_PRAGMA, pragma, kernel.body)
         )

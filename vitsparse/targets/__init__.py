@@ -26,8 +26,10 @@ _API = {
     "DEFAULT_PRECISION": _PRECISION,
     "PRECISIONS": _PRECISION,
     "check_precision": _PRECISION,
+    "fp16_lanes": _PRECISION,
     "int8_kernels": _PRECISION,
     "int8_lanes": _PRECISION,
+    "paired_kernels": _PRECISION,
     "paired_lanes": _PRECISION,
     "with_precision": _PRECISION,
 }

@@ -7,7 +7,10 @@
           target's mattr). CUDA (dp4a) int8 kernels are not built yet: refused.
     bf16  x86 CPUs with AVX512-BF16 (`vdpbf16ps`, 16 lanes); refused elsewhere, naming what the
           target lacks (ARM and CUDA bf16 kernels are not built yet).
-    fp16  needs ARMv8.2 FP16 or CUDA; no kernels yet: refused, naming what the target lacks.
+    fp16  ARM CPUs with the widening half-precision multiply-add (`fmlal`, FEAT_FHM: the
+          ``arm84`` preset, or ``+fp16fml`` in a target's mattr), 4 lanes, the sums in fp32;
+          refused elsewhere, naming what the target lacks (x86 has no fp16 arithmetic here;
+          CUDA fp16 kernels are not built yet).
 
 `check_precision` is the one place that decides; jobs call it before any import, so a bad pair
 fails fast with a TargetError that names the precision, the target and the reason.
@@ -26,8 +29,10 @@ __all__ = [
     "DEFAULT_PRECISION",
     "PRECISIONS",
     "check_precision",
+    "fp16_lanes",
     "int8_kernels",
     "int8_lanes",
+    "paired_kernels",
     "paired_lanes",
     "with_precision",
 ]
@@ -91,13 +96,33 @@ def bf16_lanes(spec: TargetSpec) -> int:
     return 16 if ok else 0
 
 
+def fp16_lanes(spec: TargetSpec) -> int:
+    """float32 lanes of the fp16 kernels on ``spec`` (4 on aarch64 with FEAT_FHM), else 0."""
+    target = spec.target
+    ok = _is_aarch64(target) and _has(target, "fp16fml") and _has(target, "fullfp16")
+    return 4 if ok else 0
+
+
 def paired_lanes(spec: TargetSpec, precision: str) -> int:
     """Lanes of ``precision``'s paired kernels on ``spec`` (0 for fp32, or where it has none)."""
     if precision == "int8":
         return int8_lanes(spec)
     if precision == "bf16":
         return bf16_lanes(spec)
+    if precision == "fp16":
+        return fp16_lanes(spec)
     return 0
+
+
+def paired_kernels(spec: TargetSpec, precision: str) -> str:
+    """The kernel variant (`schedules.paired.PRECISIONS`) ``precision`` compiles to on ``spec``:
+    `int8_kernels` for int8, ``bf16`` (vdpbf16ps), ``fp16fml`` (fmlal); "" for fp32, or where
+    ``spec`` has no kernels of ``precision``."""
+    if not paired_lanes(spec, precision):
+        return ""
+    if precision == "int8":
+        return int8_kernels(spec)
+    return {"bf16": "bf16", "fp16": "fp16fml"}[precision]
 
 
 def check_precision(spec: TargetSpec, precision: str) -> str:
@@ -134,12 +159,24 @@ def check_precision(spec: TargetSpec, precision: str) -> str:
         raise TargetError(
             f"bf16 kernels exist for x86 CPUs with avx512_bf16 only; {where} is not one (use fp32)"
         )
+    if fp16_lanes(spec):
+        return precision
     if _is_x86(target):
         raise TargetError(
-            f"fp16 arithmetic needs ARMv8.2 FP16 or a CUDA GPU; {where} is an x86 CPU "
-            "(use int8 or fp32 there)"
+            f"fp16 kernels exist for ARM CPUs with fp16 multiply-add into fp32 (fmlal); {where} "
+            "is an x86 CPU (use int8 or fp32 there, or bf16 where it has avx512_bf16)"
         )
-    raise TargetError(f"fp16 kernels are not built yet for {where}; use fp32")
+    if _is_aarch64(target):
+        raise TargetError(
+            f"fp16 on ARM needs the widening half-precision multiply-add (fmlal, FEAT_FHM: "
+            f"+fp16fml, mandatory from ARMv8.4) and {where} lacks it; use --target arm84 for a "
+            "core that has it (Neoverse V1/N2, Graviton3, Cortex-A510/A710 and later), or int8 "
+            "or fp32"
+        )
+    raise TargetError(
+        f"fp16 kernels exist for ARM CPUs with FEAT_FHM only; {where} is not one "
+        "(CUDA fp16 kernels are not built yet; use fp32)"
+    )
 
 
 def with_precision(spec: TargetSpec, precision: str) -> TargetSpec:

@@ -86,7 +86,8 @@ PRESETS: Mapping[str, _Preset] = {
     # CPU: the dot product (sdot, int8) and half-precision arithmetic (fp16). Optional in v8.2,
     # present on Cortex-A55/A75/A76 and later, Neoverse N1/V1, Graviton2/3 and the Raspberry Pi 5.
     "arm82": _Preset(
-        description="64-bit ARMv8.2-A Linux with NEON, dot product and fp16 (int8 runs on sdot)",
+        description="64-bit ARMv8.2-A Linux with NEON, dot product and fp16 arithmetic (int8 "
+        "runs on sdot; fp16 kernels need arm84's fmlal)",
         target={
             "kind": "llvm",
             "mtriple": "aarch64-linux-gnu",
@@ -95,6 +96,22 @@ PRESETS: Mapping[str, _Preset] = {
             **_FAST_MATH,
         },
         key="arm-aarch64-v82-dotprod",
+    ),
+    # ARMv8.4-A makes the dot product and, with fp16, the widening half-precision multiply-add
+    # (FEAT_FHM: fmlal, fp16 products summed in fp32) mandatory: Neoverse V1/N2/V2 (Graviton3/4),
+    # Cortex-A510/A710/X2 and later, Apple M1 and later. fp16 needs FHM (ARMv8.2's fp16 fmla
+    # rounds every sum to fp16).
+    "arm84": _Preset(
+        description="64-bit ARMv8.4-A Linux with NEON, dot product and fp16 multiply-add into "
+        "fp32 (fp16 runs on fmlal, int8 on sdot)",
+        target={
+            "kind": "llvm",
+            "mtriple": "aarch64-linux-gnu",
+            "mattr": ["+neon", "+v8.4a", "+dotprod", "+fullfp16", "+fp16fml"],
+            "mcpu": "generic",
+            **_FAST_MATH,
+        },
+        key="arm-aarch64-v84-fp16fml",
     ),
     "cuda": _Preset(
         description="NVIDIA GPU (arch from cuda_arch, default sm_80), host code for this machine",
