@@ -110,18 +110,18 @@ def fake_quant_input(mutator: relax.PyExprMutator, expr):
     return q, float(scale_value)
 
 
-HALF_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}  # a half precision's Relax dtype
+RELAX_HALF_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}  # a half precision's Relax dtype
 
 
-def half_input(mutator: relax.PyExprMutator, expr, dtype: str):
+def half_input(mutator: relax.PyExprMutator, expr, half: str):
     """The half-precision tensor ``y`` when ``expr`` is AnnotateHalf's rounded form of an input,
-    ``astype(y, "float32")`` with ``y = astype(x, dtype)`` (``"bfloat16"`` or ``"float16"``),
-    else None."""
+    ``astype(y, "float32")`` with ``y = astype(x, RELAX_HALF_DTYPES[half])`` (``half`` "bf16"
+    or "fp16"), else None."""
     widened = op_call(bound_value(mutator, expr), "relax.astype")
     if widened is None or str(widened.attrs.dtype) != "float32":
         return None
     narrowed = op_call(bound_value(mutator, widened.args[0]), "relax.astype")
-    if narrowed is None or str(narrowed.attrs.dtype) != dtype:
+    if narrowed is None or str(narrowed.attrs.dtype) != RELAX_HALF_DTYPES[half]:
         return None
     return widened.args[0]
 

@@ -30,7 +30,7 @@ import numpy as np
 from vitsparse._tvm import relax, tvm
 from vitsparse.errors import PlanError
 from vitsparse.frontend import ViTGraph
-from vitsparse.passes._rewrite import HALF_DTYPES, copy_module, op_call
+from vitsparse.passes._rewrite import RELAX_HALF_DTYPES, copy_module, op_call
 from vitsparse.plan.quantize import QMAX, Quantization
 
 QUANTIZATION_ATTR = "vitsparse.quantization"
@@ -112,8 +112,9 @@ class AnnotateHalf:
     main (see the module docstring)."""
 
     def __init__(self, layers, graph: ViTGraph, precision: str = "bf16", func_name: str = "main"):
-        if precision not in HALF_DTYPES:
-            raise ValueError(f"{precision!r} is not a half precision ({', '.join(HALF_DTYPES)})")
+        if precision not in RELAX_HALF_DTYPES:
+            names = ", ".join(RELAX_HALF_DTYPES)
+            raise ValueError(f"{precision!r} is not a half precision ({names})")
         self.layers = tuple(layers)
         self.graph = graph
         self.precision = precision
@@ -121,7 +122,7 @@ class AnnotateHalf:
 
     def transform_module(self, mod, _ctx):
         attr = {layer: self.precision for layer in self.layers}
-        layers = dict.fromkeys(self.layers, HALF_DTYPES[self.precision])
+        layers = dict.fromkeys(self.layers, RELAX_HALF_DTYPES[self.precision])
         return _rewrite_layers(mod, self.graph, layers, round_half, self.func_name, attr)
 
 

@@ -29,7 +29,6 @@ import numpy as np
 
 from vitsparse._tvm import relax, struct_shape, tvm
 from vitsparse.passes._rewrite import (
-    HALF_DTYPES,
     FuseGeluEpilogue,
     bound_value,
     const_array,
@@ -125,7 +124,7 @@ class _BlockSparsifyMutator(relax.PyExprMutator):
         quantized = fake_quant_input(self, x) if self.int8_lanes else None
         rounded = None
         if self.half and quantized is None:
-            rounded = half_input(self, x, HALF_DTYPES[self.half])
+            rounded = half_input(self, x, self.half)
         if quantized is not None or rounded is not None:
             precision = "int8" if quantized is not None else self.half
             kernels = (

@@ -37,7 +37,6 @@ import numpy as np
 
 from vitsparse._tvm import relax, struct_shape, tvm
 from vitsparse.passes._rewrite import (
-    HALF_DTYPES,
     FuseGeluEpilogue,
     bound_value,
     const_array,
@@ -206,7 +205,7 @@ class _LowerLinearMutator(relax.PyExprMutator):
         quantized = fake_quant_input(self, lin.x) if self.int8_lanes else None
         if quantized is not None:
             return self._emit_int8(lin, *quantized)
-        rounded = half_input(self, lin.x, HALF_DTYPES[self.half]) if self.half else None
+        rounded = half_input(self, lin.x, self.half) if self.half else None
         if rounded is not None:
             return self._emit_half(lin, rounded)
         return self._emit_linear(lin, "none")

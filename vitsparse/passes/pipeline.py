@@ -32,7 +32,7 @@ import numpy as np
 from vitsparse import _tvm_intrin
 from vitsparse._tvm import IRModule, dlight, relax, tir, topi, tvm
 from vitsparse.frontend import ViTGraph
-from vitsparse.passes._rewrite import HALF_DTYPES
+from vitsparse.passes._rewrite import RELAX_HALF_DTYPES
 from vitsparse.passes.annotate_pruning import AnnotatePruning
 from vitsparse.passes.annotate_quantization import AnnotateHalf, AnnotateQuantization
 from vitsparse.passes.bind_weights import BindWeights, bind_params
@@ -112,13 +112,13 @@ class PipelineConfig:
             self.quantization is None or self.graph is None or not self.int8_lanes
         ):
             raise ValueError("an int8 pipeline needs quantization, the ViTGraph and int8_lanes")
-        if self.precision in HALF_DTYPES and self.graph is None:
+        if self.precision in RELAX_HALF_DTYPES and self.graph is None:
             raise ValueError(f"a {self.precision} pipeline needs the model's ViTGraph")
 
     @property
     def half(self) -> str:
         """The half precision of the reduced layers ("bf16" or "fp16"), "" in fp32 and int8."""
-        return self.precision if self.precision in HALF_DTYPES else ""
+        return self.precision if self.precision in RELAX_HALF_DTYPES else ""
 
 
 def _legalize_gelu_fast(bb, call):
