@@ -36,7 +36,11 @@ def _compile_and_export(tmp_path, name, arch, pruned):
     return model, plan, compiled
 
 
-@pytest.mark.parametrize("name", ["deit_tiny_patch16_224", "deit_small_patch16_224"])
+# deit_small compiles the same kernels at other sizes (about 12 s each): in the slow set
+@pytest.mark.parametrize(
+    "name",
+    ["deit_tiny_patch16_224", pytest.param("deit_small_patch16_224", marks=pytest.mark.slow)],
+)
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 @pytest.mark.parametrize("pruned", [False, True], ids=["dense", "bsr"])
 def test_deit_compiles_for_cuda(tmp_path, name, arch, pruned):
