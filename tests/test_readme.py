@@ -121,3 +121,4 @@ def test_the_quick_readme_commands_run_as_written(folder):
 @pytest.mark.slow
 def test_every_readme_command_runs_as_written(folder):
     _run_in(folder, [c for c in COMMANDS if _kind(c) != "parse"], timeout=3600)
+    assert (folder / "out" / "mine" / "manifest.json").exists()  # the dense compile
