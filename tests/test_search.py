@@ -304,26 +304,35 @@ def test_search_over_rpc_measures_on_the_device(tmp_path, digits):
                 break
             except TargetError:
                 time.sleep(0.2)
-        # a loose budget: the test is about where candidates are measured, and the digits
-        # ViT's 0.3 ms latencies move by 10% between runs on a busy machine
-        report = search(
-            MODEL,
-            budget="latency=0.95",
-            out=tmp_path / "rpc",
-            rpc=device,
-            methods=("cpvit",),
-            data="synthetic",
-            calib_size=16,
-            iterations=2,
-            cost_table=_analytic_table(digits, 1.0),
-            progress=None,
-        )
+        # The test is about where candidates are measured, not whether the budget holds: the
+        # digits ViT's 0.3 ms latencies move by 10-30% between runs over RPC on a busy 2-core
+        # machine, so a missed budget (a SearchError naming it) is judged by the journal too.
+        try:
+            report = search(
+                MODEL,
+                budget="latency=0.95",
+                out=tmp_path / "rpc",
+                rpc=device,
+                methods=("cpvit",),
+                data="synthetic",
+                calib_size=16,
+                iterations=2,
+                cost_table=_analytic_table(digits, 1.0),
+                progress=None,
+            )
+            assert report.device == "rpc:search-x86"
+        except SearchError as missed:
+            assert "no plan reached latency <= 0.95" in str(missed), missed
     finally:
         server.terminate()
         tracker.terminate()
-    assert report.device == "rpc:search-x86"
-    assert all(c["where"].startswith("rpc:search-x86") for c in report.candidates)
-    assert report.candidates and all(c["correct"] for c in report.candidates)
+    entries = Journal.open(tmp_path / "rpc" / JOURNAL).entries
+    assert entries[0]["kind"] == "header" and entries[0]["device"] == "rpc:search-x86"
+    measured = [e for e in entries if e["kind"] in ("dense", "candidate")]
+    candidates = [e for e in measured if e["kind"] == "candidate"]
+    assert candidates and len(measured) > len(candidates)
+    assert all(e["where"].startswith("rpc:search-x86") for e in measured)
+    assert all(e["correct"] for e in candidates)
 
 
 def test_kill_9_then_rerun_resumes_without_measuring_again(tmp_path, digits):
