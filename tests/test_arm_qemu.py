@@ -9,7 +9,7 @@ install` runs it)."""
 import numpy as np
 import pytest
 import torch
-from _compiled import assert_within_reference_noise
+from _compiled import assert_within_reference_noise, mlp_blocks_plan
 
 from vitsparse.cli import main
 from vitsparse.data.sources import load_images
@@ -71,14 +71,6 @@ def test_deit_tiny_runs_on_the_emulated_arm_device(arm_device, deit, pruned):
     assert len(result.seconds) == 1 and result.seconds[0] > 0
 
 
-def _mlp_blocks_plan(model, model_id):
-    """Half the blocks of every MLP layer: with no break-even measured for a remote target, the
-    MLP layers become BSR kernels and attention's qkv and proj stay dense, one compile covering
-    both kernels of a precision."""
-    mlp = [name for name, _ in model.named_modules() if name.endswith(("mlp.fc1", "mlp.fc2"))]
-    return block_mask_plan(model, model_id=model_id, block=(16, 16), keep=0.5, layers=mlp)
-
-
 def _run_on(arm_device, compiled, images):
     timing = Timing(repeat=1, number=1, warmup=0)
     result = measure(compiled.executable, compiled.spec, [images], rpc=arm_device, timing=timing)
@@ -91,7 +83,7 @@ def test_int8_on_sdot_runs_on_the_emulated_device_and_matches_its_reference(arm_
     kernels, dense and BSR, run on the emulated device and held to the PyTorch fake-quant
     model."""
     model, model_id = load_torch_model("vitsparse/digits_vit")
-    plan = _mlp_blocks_plan(model, model_id)
+    plan = mlp_blocks_plan(model, model_id)
     compiled = compile_model(
         model_id, target="arm82", batch=4, plan=plan, precision="int8", calib="digits"
     )
@@ -117,7 +109,7 @@ def test_fp16_on_fmlal_runs_on_the_emulated_device_and_matches_its_reference(arm
     (fp16 products summed in fp32), dense and BSR, run on the emulated device and held to the
     PyTorch fp16 model; the asm has fmlal and fmlal2."""
     model, model_id = load_torch_model("vitsparse/digits_vit")
-    plan = _mlp_blocks_plan(model, model_id)
+    plan = mlp_blocks_plan(model, model_id)
     compiled = compile_model(model_id, target="arm84", batch=4, plan=plan, precision="fp16")
     assert compiled.spec.key == "arm-aarch64-v84-fp16fml-fp16"
     depth = len(model.blocks)

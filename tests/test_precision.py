@@ -318,17 +318,21 @@ def test_precision_refusals_name_what_is_missing():
     with pytest.raises(TargetError, match=r"int8 on ARM needs the dot product.*--target arm82"):
         check_precision(arm, "int8")
     assert check_precision(resolve_target("arm82"), "int8") == "int8"
-    cuda = resolve_target("cuda")
-    with pytest.raises(TargetError, match="x86 CPUs with AVX2 and ARM CPUs with the dot product"):
-        check_precision(cuda, "int8")
+    cuda = resolve_target("cuda")  # sm_80: fp16 and int8 tensor cores
+    assert check_precision(cuda, "int8") == "int8" and check_precision(cuda, "fp16") == "fp16"
+    pascal = resolve_target("cuda", cuda_arch="sm_61")
+    with pytest.raises(TargetError, match=r"int8 on CUDA needs int8 tensor cores .*sm_72"):
+        check_precision(pascal, "int8")
+    with pytest.raises(TargetError, match=r"fp16 on CUDA needs fp16 tensor cores, sm_70.*sm_61"):
+        check_precision(pascal, "fp16")
+    with pytest.raises(TargetError, match="bf16 kernels exist for x86 .* is a CUDA target"):
+        check_precision(cuda, "bf16")
     with pytest.raises(TargetError, match="fp16 kernels exist for ARM CPUs.*is an x86 CPU"):
         check_precision(x86, "fp16")
     for no_fhm in (arm, resolve_target("arm82")):  # v8.2's fp16 fmla would round the sums
         with pytest.raises(TargetError, match=r"fp16 on ARM needs .*\+fp16fml.*--target arm84"):
             check_precision(no_fhm, "fp16")
     assert check_precision(resolve_target("arm84"), "fp16") == "fp16"
-    with pytest.raises(TargetError, match="CUDA fp16 kernels are not built yet"):
-        check_precision(cuda, "fp16")
     with pytest.raises(TargetError, match="unknown precision 'int4'"):
         check_precision(x86, "int4")
     no_bf16 = resolve_target({"kind": "llvm", "mcpu": "znver3"})

@@ -25,7 +25,7 @@ from vitsparse.plan import PruningPlan, apply_plan_to_torch, validate_plan
 from vitsparse.plan.quantize import Quantization, quantized_layers
 from vitsparse.pruning.calibrate import calibrate
 from vitsparse.pruning.onnx_masks import validate_onnx_plan
-from vitsparse.targets import TargetSpec, int8_kernels, int8_lanes
+from vitsparse.targets import TargetSpec, int8_kernels, int8_lanes, resolve_target
 
 
 def compile_model(
@@ -132,6 +132,22 @@ def compile_resolved(
         precision=config.precision,
         reduced_layers=config.half_layers,
     )
+
+
+def graph_on_host(imported: ImportedModel, inputs: Inputs, quantization: Quantization | None):
+    """What ``inputs``' target compiles ``imported`` to, stopped before the target's schedules
+    (the structure, the reduced-precision layers and the BSR kernels, unscheduled) and built for
+    this CPU: the computation a GPU compile's kernels carry out, checkable where no GPU is.
+    Returns (Relax VM executable, the pipeline config, its decisions filled)."""
+    mod, config, params = prepare(
+        imported,
+        inputs.spec,
+        inputs.plan,
+        quantization=quantization,
+        precision=inputs.precision,
+    )
+    relaxed = pipeline.optimize(mod, config, params, stop_before="legalize")
+    return pipeline.compile_module(relaxed, resolve_target("x86").target), config
 
 
 def quantization_for(imported: ImportedModel, inputs: Inputs) -> Quantization | None:

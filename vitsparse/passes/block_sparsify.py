@@ -18,6 +18,10 @@ stored as the kernel variant takes them (`_rewrite.stored_input`). With ``half``
 "fp16", a layer whose input AnnotateHalf rounded becomes that precision's BSR kernel, its kept
 blocks rounded the same way. The break-even given is the precision's own (an int8, bf16 or fp16
 compile measures its BSR kernel against its dense kernel where it runs on this machine).
+
+On a GPU (``gpu_precision`` "int8" or "fp16") an annotated layer becomes the BSR kernel of
+``schedules.bsr`` in that precision: int8 X and blocks (the same quantized values), int32 sums
+dequantized per output feature; or float16 X and blocks, float32 sums; float32 Y either way.
 """
 
 from __future__ import annotations
@@ -47,6 +51,19 @@ OPAQUE = 8  # relay's kOpaque op pattern: FuseOps fuses nothing into or after it
 BreakEven = Callable[[int, int, int, tuple[int, int]], float]
 
 
+def block_name(shape: bsr.BSRShape) -> str:
+    """``32x32``, with the storage type where it is not float32 (``32x32_int8``)."""
+    suffix = {"float32": "", "float16": "_fp16", "int8": "_int8"}[shape.dtype]
+    return f"{shape.block[0]}x{shape.block[1]}{suffix}"
+
+
+def _quantize_kept(weight: np.ndarray, kept: np.ndarray, block: tuple[int, int]):
+    """The int8 values and per-output-channel scales of ``weight`` with its pruned blocks
+    zeroed (what the reference quantizes: the plan applied first)."""
+    element_kept = np.kron(kept, np.ones(block, dtype=bool))
+    return quantize_weight(np.where(element_kept, weight, 0))
+
+
 @relax.expr_functor.mutator
 class _BlockSparsifyMutator(relax.PyExprMutator):
     def __init__(
@@ -58,8 +75,10 @@ class _BlockSparsifyMutator(relax.PyExprMutator):
         lanes: int,
         half: str,
         int8_kernels: str = "int8",
+        gpu_precision: str = "",
     ):
         super().__init__(mod)
+        self.gpu_precision = gpu_precision  # "int8", "fp16" or "" (a CPU target, or fp32)
         self.break_even = break_even
         self.decisions = decisions
         self.kernels = kernels  # GlobalVar -> BSRShape of the (float) kernels added
@@ -121,6 +140,11 @@ class _BlockSparsifyMutator(relax.PyExprMutator):
             decision["kernel"] = "dense"
             return None
         decision["kernel"] = "bsr"
+        if self.gpu_precision:
+            lowered = self._lower_gpu(x, x_shape, rows, bias, weight, kept, block)
+            if lowered is not None:
+                decision["precision"] = self.gpu_precision
+                return lowered
         quantized = fake_quant_input(self, x) if self.int8_lanes else None
         rounded = None
         if self.half and quantized is None:
@@ -144,23 +168,46 @@ class _BlockSparsifyMutator(relax.PyExprMutator):
             return self._lower_paired(
                 kernels, lanes, x_shape, x16, rows, bias, values, kept, block, scale
             )
-        packed = bsr.to_bsr(weight, kept, block)
-        shape = bsr.BSRShape.of(rows, packed)
-        gvar = self.builder_.add_func(bsr.bsr_primfunc(shape), f"bsr_{block[0]}x{block[1]}")
+        return self._lower_bsr(x, x_shape, rows, bias, bsr.to_bsr(weight, kept, block))
+
+    def _lower_bsr(self, x, x_shape, rows, bias, packed, scale=None):
+        """The BSR kernel of ``schedules.bsr`` on ``x`` (stored as ``packed``'s blocks are) and
+        ``packed``, float32 out (``scale``: the int8 kernel's dequantization)."""
+        n, k = packed.shape
+        shape = bsr.BSRShape.of(rows, packed, out_dtype="float32")
+        name = f"bsr_{block_name(shape)}"
+        gvar = self.builder_.add_func(bsr.bsr_primfunc(shape), name)
         self.kernels[gvar] = shape
         x2d = x if len(x_shape) == 2 else self.builder_.emit(relax.op.reshape(x, (rows, k)))
+        consts = (packed.data, packed.indices, packed.indptr, scale, bias.astype(np.float32))
         out = relax.call_tir(
             gvar,
-            [x2d, *(relax.const(a) for a in (packed.data, packed.indices, packed.indptr, bias))],
+            [x2d, *(relax.const(a) for a in consts if a is not None)],
             relax.TensorType((rows, n), "float32"),
         )
         if len(x_shape) == 2:
             return out
         return relax.op.reshape(self.builder_.emit(out), (*x_shape[:-1], n))
 
+    def _lower_gpu(self, x, x_shape, rows, bias, weight, kept, block):
+        """A GPU's BSR kernel in ``gpu_precision`` for an annotated layer, else None."""
+        if self.gpu_precision == "int8":
+            quantized = fake_quant_input(self, x)
+            if quantized is None:
+                return None
+            q, w_scale = _quantize_kept(weight, kept, block)
+            xq = self.builder_.emit(relax.op.astype(quantized[0], "int8"))
+            packed = bsr.to_bsr(q, kept, block, dtype="int8")
+            scale = dequant_scales(quantized[1], w_scale)
+            return self._lower_bsr(xq, x_shape, rows, bias, packed, scale)
+        x16 = half_input(self, x, self.gpu_precision)
+        if x16 is None:
+            return None
+        packed = bsr.to_bsr(half_values(weight, "fp16"), kept, block, dtype="float16")
+        return self._lower_bsr(x16, x_shape, rows, bias, packed)
+
     def _lower_int8(self, x_shape, rows, bias, weight, kept, block, q_input, activation_scale):
-        element_kept = np.kron(kept, np.ones(block, dtype=bool))
-        q, w_scale = quantize_weight(np.where(element_kept, weight, 0))
+        q, w_scale = _quantize_kept(weight, kept, block)
         lanes, kernels = self.int8_lanes, self.int8_kernels
         xq = self.builder_.emit(stored_input(q_input, kernels))
         scale = dequant_scales(activation_scale, w_scale)
@@ -213,8 +260,10 @@ class BlockSparsify:
         int8_lanes: int = 0,
         int8_kernels: str = "int8",
         half: str = "",
+        gpu_precision: str = "",
     ):
         self.break_even = break_even
+        self.gpu_precision = gpu_precision
         self.decisions = decisions if decisions is not None else []
         self.int8_lanes = int8_lanes
         self.int8_kernels = int8_kernels
@@ -232,6 +281,7 @@ class BlockSparsify:
                 self.int8_lanes,
                 self.half,
                 self.int8_kernels,
+                self.gpu_precision,
             ),
         )
 
@@ -240,7 +290,7 @@ class BlockSparsify:
             if shape is None or shape.epilogue != "none":
                 return None
             fused = dataclasses.replace(shape, epilogue="gelu")
-            name = f"bsr_{shape.block[0]}x{shape.block[1]}_gelu"
+            name = f"bsr_{block_name(shape)}_gelu"
             return fused, lambda: bsr.bsr_primfunc(fused), name
 
         mod = rewrite_relax_functions(mod, lambda m: FuseGeluEpilogue(m, gelu_variant))

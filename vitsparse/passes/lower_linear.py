@@ -26,6 +26,12 @@ fp16's `fmlal` on ARM): the weight rounded at compile time (`plan.quantize.half_
 input's half tensor as the kernel stores it (bf16 viewed as its uint16 bits), ``S = 1``. Both
 are opaque to FuseOps (their producers, the quantization or rounding, fuse with whatever
 precedes them instead).
+
+On a GPU (``gpu_precision`` "int8" or "fp16") the annotated layers become typed Relax matmuls,
+which dlight's Matmul puts on the tensor cores (`schedules.gpu_rules`), and the other layers stay
+as they are: fp16, ``matmul(x16, W16^T, out_dtype="float32") + b`` (the weight rounded at compile
+time); int8, ``astype(matmul(xq, Wq^T, out_dtype="int32"), "float32") * S + b``, ``xq`` the
+fake-quantized integers as int8, ``Wq`` the weight quantized per output channel as on CPUs.
 """
 
 from __future__ import annotations
@@ -67,12 +73,15 @@ class _Linear:
 
 @relax.expr_functor.mutator
 class _LowerLinearMutator(relax.PyExprMutator):
-    def __init__(self, mod, int8_lanes: int = 0, half: str = "", int8_kernels="int8"):
+    def __init__(
+        self, mod, int8_lanes: int = 0, half: str = "", int8_kernels="int8", gpu_precision=""
+    ):
         super().__init__(mod)
         self.kernels: dict = {}
         self.int8_lanes = int8_lanes
         self.int8_kernels = int8_kernels
         self.half = half  # "bf16", "fp16" or "" (`_rewrite.half_input`)
+        self.gpu_precision = gpu_precision  # "int8", "fp16" or "" (a CPU target)
 
     # -- matching -----------------------------------------------------------------------------
     def _binding(self, expr):
@@ -195,9 +204,34 @@ class _LowerLinearMutator(relax.PyExprMutator):
             return out
         return relax.op.reshape(emit(out), lin.out_shape)
 
+    def _emit_gpu(self, lin: _Linear):
+        """The typed matmul of an annotated layer on a GPU (see the module docstring), else
+        None (the layer stays as it is)."""
+        emit = self.builder_.emit
+        bias = relax.const(lin.bias.astype(np.float32))
+        if self.gpu_precision == "int8":
+            quantized = fake_quant_input(self, lin.x)
+            if quantized is None:
+                return None
+            q, w_scale = quantize_weight(lin.weight)
+            xq = emit(relax.op.astype(quantized[0], "int8"))
+            weight = relax.const(np.ascontiguousarray(q.T))
+            sums = emit(relax.op.matmul(xq, weight, out_dtype="int32"))
+            scale = relax.const(dequant_scales(quantized[1], w_scale))
+            product = emit(relax.op.multiply(emit(relax.op.astype(sums, "float32")), scale))
+            return relax.op.add(product, bias)
+        x16 = half_input(self, lin.x, self.gpu_precision)
+        if x16 is None:
+            return None
+        weight = relax.const(np.ascontiguousarray(half_values(lin.weight, "fp16").T))
+        return relax.op.add(emit(relax.op.matmul(x16, weight, out_dtype="float32")), bias)
+
     def visit_call_(self, call):
         call = super().visit_call_(call)
         lin = self._match_linear(call)
+        if lin is not None and self.gpu_precision:
+            lowered = self._emit_gpu(lin)
+            return call if lowered is None else lowered
         # A single input feature (an MLP pruned to one neuron) has no reduction loop to
         # schedule: the generic path.
         if lin is None or lin.weight.shape[1] < 2:
@@ -215,18 +249,31 @@ class _LowerLinearMutator(relax.PyExprMutator):
 class LowerLinear:
     """Rewrite constant-weight linear layers (+ optional GELU) into packed dense kernels; int8
     kernels for fake-quantized inputs where ``int8_lanes`` is set, bf16 or fp16 kernels for
-    inputs rounded to ``half`` ("bf16" or "fp16")."""
+    inputs rounded to ``half`` ("bf16" or "fp16"). ``gpu_precision`` ("int8" or "fp16"): a GPU
+    target's pass, rewriting that precision's annotated layers alone (module docstring)."""
 
-    def __init__(self, int8_lanes: int = 0, half: str = "", int8_kernels: str = "int8"):
+    def __init__(
+        self,
+        int8_lanes: int = 0,
+        half: str = "",
+        int8_kernels: str = "int8",
+        *,
+        gpu_precision: str = "",
+    ):
+        if gpu_precision not in ("", "int8", "fp16"):
+            raise ValueError(f"GPU layers are int8 or fp16, not {gpu_precision!r}")
         self.int8_lanes = int8_lanes
         self.int8_kernels = int8_kernels
         self.half = half
+        self.gpu_precision = gpu_precision
 
     def transform_module(self, mod, _ctx):
         kernels: dict = {}
 
         def first(m):
-            mutator = _LowerLinearMutator(m, self.int8_lanes, self.half, self.int8_kernels)
+            mutator = _LowerLinearMutator(
+                m, self.int8_lanes, self.half, self.int8_kernels, self.gpu_precision
+            )
             mutator.kernels = kernels
             return mutator
 

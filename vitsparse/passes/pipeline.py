@@ -11,7 +11,8 @@
     sparsify   annotated layers below their break-even density -> BSR kernels; masks left dense
                fold into their weights
     lower      linear layers -> packed dense kernels (+ fused GELU) on CPU targets; int8,
-               bf16 or fp16 kernels (`schedules.paired`) where the input is annotated so
+               bf16 or fp16 kernels (`schedules.paired`) where the input is annotated so;
+               on GPU targets, the annotated layers -> int8 or fp16 matmuls (tensor cores)
     legalize   remaining Relax ops -> TensorIR, with fast-math GELU
     fuse       constant folding, operator fusion, FuseTIR
     schedule   tuned records from the database, hand-written rules for whatever they miss
@@ -84,7 +85,7 @@ class PipelineConfig:
     database whose records the schedule phase applies first. ``precision`` names the
     reduced layers' arithmetic: ``"int8"`` needs ``quantization`` (the activation scales), the
     ``graph``, ``int8_lanes`` (the target's int8 kernel width) and ``int8_kernels`` (its int8
-    kernel variant, `schedules.paired.INT8_VARIANTS`); ``"bf16"`` and ``"fp16"`` need
+    kernel variant, `schedules.paired.INT8_VARIANTS`) on CPUs; ``"bf16"`` and ``"fp16"`` need
     ``half_layers`` (PyTorch layer names, `plan.quantize.quantized_layers`) and the ``graph``.
     """
 
@@ -108,8 +109,9 @@ class PipelineConfig:
             raise ValueError("a pipeline with a plan needs the model's ViTGraph (graph=)")
         if self.quantization is not None and self.precision == "fp32":
             object.__setattr__(self, "precision", "int8")  # the scales say so
+        lanes = self.int8_lanes or self.schedule_family == "gpu"  # GPUs: no lanes to give
         if self.precision == "int8" and (
-            self.quantization is None or self.graph is None or not self.int8_lanes
+            self.quantization is None or self.graph is None or not lanes
         ):
             raise ValueError("an int8 pipeline needs quantization, the ViTGraph and int8_lanes")
         if self.precision in RELAX_HALF_DTYPES and self.graph is None:
@@ -152,16 +154,27 @@ def _sparsify(config: PipelineConfig) -> list:
                 config.decisions,
                 int8_lanes=config.int8_lanes,
                 int8_kernels=config.int8_kernels,
-                half=config.half,
+                half=config.half if config.schedule_family == "cpu" else "",
+                gpu_precision=_gpu_precision(config),
             )
         )
     # Folds what the rewrites left of pruning annotations (masked weights kept dense).
     return out + [relax.transform.FoldConstant()]
 
 
+def _gpu_precision(config: PipelineConfig) -> str:
+    """The reduced precision of a GPU pipeline's annotated layers ("" on CPUs and in fp32)."""
+    return (
+        config.precision if config.schedule_family == "gpu" and config.precision != "fp32" else ""
+    )
+
+
 def _lower(config: PipelineConfig) -> list:
-    if not (config.lower_linear and config.schedule_family == "cpu"):
+    if not config.lower_linear:
         return []
+    if config.schedule_family != "cpu":
+        gpu = _gpu_precision(config)
+        return [LowerLinear(gpu_precision=gpu)] if gpu else []
     return [
         PatchEmbedToDense(),
         LowerLinear(config.int8_lanes, half=config.half, int8_kernels=config.int8_kernels),

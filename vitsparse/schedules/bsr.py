@@ -13,8 +13,12 @@ guard depends on the block-row alone; TVM's HoistIfThenElse lifts it above the i
 unused ELL slot costs one comparison, not its FLOPs. The X columns and the weight block of a slot
 are gathered in their own stages (inlined on CPUs, staged in shared memory on GPUs); a gather
 loads nothing for an unused slot and its reads are clamped into the buffers. Rows are padded to
-the register-tile height by clamping the row index of X, like the dense kernel. Accumulation is
-float32; ``dtype`` float16 (CUDA) stores X, the blocks and Y in half precision.
+the register-tile height by clamping the row index of X, like the dense kernel. ``dtype`` is
+what X and the blocks are stored in, ``out_dtype`` what the bias and Y are (default: ``dtype``).
+Accumulation is float32, int32 for ``dtype`` int8, whose kernel takes one more argument, the
+per-output-feature ``scale`` (float32) its sums are dequantized with: Y = sums * scale + b. The
+CUDA kernels of the reduced precisions: float16 X and blocks with float32 Y (fp16), int8 X and
+blocks with float32 Y (int8); float16 throughout is the half-precision kernel of its own.
 
 Schedules (knobs are MetaSchedule sampling instructions: fixed knobs give the hand-written
 default, sampled ones the tuning design space):
@@ -38,7 +42,7 @@ KERNEL_ATTR = "vitsparse.kernel"
 BSR_KERNEL = "bsr"
 BLOCK_SIZES = (8, 16, 32, 64)
 EPILOGUES = ("none", "gelu")
-DTYPES = ("float32", "float16")
+DTYPES = ("float32", "float16", "int8")
 TILE_ORDERS = ("rows-major", "blocks-major")  # parallel task order: row tiles or block-rows outer
 
 
@@ -108,7 +112,8 @@ def to_bsr(
 @dataclass(frozen=True)
 class BSRShape:
     """The workload of one BSR kernel: M rows (tokens x batch), K inputs, N outputs, the block,
-    the number of stored blocks, the epilogue, the storage type and the register-tile height."""
+    the number of stored blocks, the epilogue, the storage type (of X and the blocks), the
+    register-tile height and the type of the bias and Y ("": the storage type)."""
 
     m: int
     k: int
@@ -118,19 +123,31 @@ class BSRShape:
     epilogue: str = "none"
     dtype: str = "float32"
     row_tile: int = 8
+    out_dtype: str = ""
 
     def __post_init__(self):
         check_block((self.n, self.k), self.block)
+        if not self.out_dtype:
+            object.__setattr__(self, "out_dtype", self.dtype)
         if self.epilogue not in EPILOGUES:
             raise ValueError(f"epilogue {self.epilogue!r} is not one of {EPILOGUES}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype {self.dtype!r} is not one of {DTYPES}")
+        if self.out_dtype not in ("float32", "float16"):
+            raise ValueError(f"out_dtype {self.out_dtype!r} is neither float32 nor float16")
+        if self.dtype == "int8" and self.out_dtype != "float32":
+            raise ValueError("an int8 BSR kernel dequantizes its sums into float32")
         if self.nnzb < 1:
             raise ValueError("a BSR kernel stores at least one block")
 
     @property
     def padded_m(self) -> int:
         return math.ceil(self.m / self.row_tile) * self.row_tile
+
+    @property
+    def acc_dtype(self) -> str:
+        """What the kernel sums in: int32 for int8 storage, else float32."""
+        return "int32" if self.dtype == "int8" else "float32"
 
     @property
     def block_rows(self) -> int:
@@ -141,8 +158,12 @@ class BSRShape:
         return self.k // self.block[1]
 
     @classmethod
-    def of(cls, m: int, weight: BSRWeight, *, epilogue="none", target=None, row_tile=None):
-        """The shape of ``weight`` on ``m`` rows, tiled for ``target`` (default: the current)."""
+    def of(
+        cls, m: int, weight: BSRWeight, *, epilogue="none", target=None, row_tile=None,
+        out_dtype="",
+    ):  # fmt: skip
+        """The shape of ``weight`` on ``m`` rows, tiled for ``target`` (default: the current);
+        ``out_dtype`` "" is the weight's storage type."""
         rows = weight.block[0]
         target = target or Target.current(allow_none=True)
         if row_tile is not None:
@@ -153,7 +174,8 @@ class BSRShape:
             tile = choose_row_tile(rows, vector_lanes(target), m)
         dtype = str(weight.data.dtype)
         n, k = weight.shape
-        return cls(m, k, n, weight.block, int(weight.indices.shape[0]), epilogue, dtype, tile)
+        nnzb = int(weight.indices.shape[0])
+        return cls(m, k, n, weight.block, nnzb, epilogue, dtype, tile, out_dtype)
 
 
 @dataclass(frozen=True)
@@ -205,15 +227,17 @@ def default_knobs(shape: BSRShape) -> BSRKnobs:
 
 
 def bsr_primfunc(shape: BSRShape) -> tir.PrimFunc:
-    """Unscheduled PrimFunc (X, data, indices, indptr, bias) -> Y for one BSR workload."""
+    """Unscheduled PrimFunc (X, data, indices, indptr, bias) -> Y for one BSR workload; int8
+    storage takes (X, data, indices, indptr, scale, bias) -> Y."""
     m, k, n = shape.m, shape.k, shape.n
     rows, cols = shape.block
-    nnzb, dtype = shape.nnzb, shape.dtype
+    nnzb, dtype, acc_dtype, out_dtype = shape.nnzb, shape.dtype, shape.acc_dtype, shape.out_dtype
     x = te.placeholder((m, k), dtype, name="X")
     data = te.placeholder((nnzb, cols, rows), dtype, name="data")
     indices = te.placeholder((nnzb,), "int32", name="indices")
     indptr = te.placeholder((shape.block_rows + 1,), "int32", name="indptr")
-    bias = te.placeholder((n,), dtype, name="B")
+    scale = te.placeholder((n,), "float32", name="scale") if dtype == "int8" else None
+    bias = te.placeholder((n,), out_dtype, name="B")
     width = shape.ell_width
     e = te.reduce_axis((0, width), "e")
     j = te.reduce_axis((0, cols), "j")
@@ -239,21 +263,26 @@ def bsr_primfunc(shape: BSRShape) -> tir.PrimFunc:
     acc = te.compute(
         (shape.padded_m, n),
         lambda i, c: te.sum(
-            x_g[c // rows, e, i, j].astype("float32")
-            * w_g[c // rows, e, j, c % rows].astype("float32"),
+            x_g[c // rows, e, i, j].astype(acc_dtype)
+            * w_g[c // rows, e, j, c % rows].astype(acc_dtype),
             axis=[e, j],
         ),
         name="bsr",
     )
-    pre = te.compute((m, n), lambda i, c: acc[i, c] + bias[c].astype("float32"), name="bias")
+    if scale is not None:  # int8: the int32 sums dequantized
+        sums = lambda i, c: acc[i, c].astype("float32") * scale[c]  # noqa: E731
+    else:
+        sums = lambda i, c: acc[i, c]  # noqa: E731
+    pre = te.compute((m, n), lambda i, c: sums(i, c) + bias[c].astype("float32"), name="bias")
     if shape.epilogue == "gelu":
         # Exact-erf GELU with TVM's fast erf (vectorisable; libm's erf is a scalar call).
         erf = topi.fast_erf(te.compute((m, n), lambda i, c: pre[i, c] * 0.7071067811865476))
         act = te.compute((m, n), lambda i, c: pre[i, c] * (0.5 + 0.5 * erf[i, c]), name="gelu")
     else:
         act = pre
-    y = te.compute((m, n), lambda i, c: act[i, c].astype(dtype), name="epilogue")
-    func = te.create_prim_func([x, data, indices, indptr, bias, y]).without_attr("global_symbol")
+    y = te.compute((m, n), lambda i, c: act[i, c].astype(out_dtype), name="epilogue")
+    args = [x, data, indices, indptr, *([scale] if scale is not None else []), bias, y]
+    func = te.create_prim_func(args).without_attr("global_symbol")
     func = _guard_ell_slots(func, rows)
     return func.with_attrs(
         {
@@ -295,7 +324,7 @@ def _indptr_buffer(sch: Schedule):
 
 def shape_of(func: tir.PrimFunc) -> BSRShape:
     """The BSRShape a BSR kernel PrimFunc was made from."""
-    x, data, _, _, _, y = func.params
+    x, data, *_, y = func.params
     nnzb, cols, rows = (int(v) for v in data.shape)
     return BSRShape(
         m=int(x.shape[0]),
@@ -306,6 +335,7 @@ def shape_of(func: tir.PrimFunc) -> BSRShape:
         epilogue=str(func.attrs["vitsparse.epilogue"]),
         dtype=str(x.dtype),
         row_tile=int(func.attrs["vitsparse.row_tile"]),
+        out_dtype=str(y.dtype),
     )
 
 

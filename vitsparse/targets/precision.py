@@ -4,13 +4,14 @@
     int8  x86 CPUs with AVX2 (int8 values in int16 pairs through `vpmaddwd`, 8 lanes; 16 with
           AVX-512BW; int8 quads through `vpdpbusd` with AVX512-VNNI); ARM CPUs with the dot
           product (`sdot`, int8 quads, 4 lanes: the ``arm82`` preset, or ``+dotprod`` in a
-          target's mattr). CUDA (dp4a) int8 kernels are not built yet: refused.
+          target's mattr); CUDA GPUs with int8 tensor cores (IMMA: sm_72 and later), int8
+          matmuls summed in int32 (`schedules.gpu_rules`).
     bf16  x86 CPUs with AVX512-BF16 (`vdpbf16ps`, 16 lanes); refused elsewhere, naming what the
           target lacks (ARM and CUDA bf16 kernels are not built yet).
     fp16  ARM CPUs with the widening half-precision multiply-add (`fmlal`, FEAT_FHM: the
           ``arm84`` preset, or ``+fp16fml`` in a target's mattr), 4 lanes, the sums in fp32;
-          refused elsewhere, naming what the target lacks (x86 has no fp16 arithmetic here;
-          CUDA fp16 kernels are not built yet).
+          CUDA GPUs with fp16 tensor cores (sm_70 and later), the sums in fp32; refused
+          elsewhere, naming what the target lacks (x86 has no fp16 arithmetic here).
 
 `check_precision` is the one place that decides; jobs call it before any import, so a bad pair
 fails fast with a TargetError that names the precision, the target and the reason.
@@ -29,6 +30,7 @@ __all__ = [
     "DEFAULT_PRECISION",
     "PRECISIONS",
     "check_precision",
+    "cuda_precisions",
     "fp16_lanes",
     "int8_kernels",
     "int8_lanes",
@@ -45,7 +47,7 @@ def _has(target, feature: str) -> bool:
 
 
 def _cpu(target) -> str:
-    for attr in ("mcpu", "mtriple"):
+    for attr in ("mcpu", "mtriple", "arch"):
         value = target.attrs.get(attr)
         if value:
             return str(value)
@@ -55,6 +57,41 @@ def _cpu(target) -> str:
 def _is_x86(target) -> bool:
     triple = str(target.attrs.get("mtriple", "") or "")
     return target.kind.name == "llvm" and (not triple or triple.startswith(("x86", "i686")))
+
+
+def _cuda_sm(target) -> int:
+    """The compute capability of a CUDA target as one number (sm_80: 80), else 0."""
+    if target.kind.name != "cuda":
+        return 0
+    digits = str(target.attrs.get("arch", "")).removeprefix("sm_").rstrip("a")
+    return int(digits) if digits.isdigit() else 0
+
+
+# The reduced precisions of CUDA targets and the first compute capability with their tensor
+# cores (what `schedules.gpu_rules` compiles them to).
+_CUDA_MIN_SM = {"fp16": 70, "int8": 72}
+
+
+def cuda_precisions(spec: TargetSpec) -> tuple[str, ...]:
+    """The reduced precisions ``spec`` (a CUDA target) compiles; () for other targets."""
+    sm = _cuda_sm(spec.target)
+    return tuple(p for p, first in _CUDA_MIN_SM.items() if sm >= first)
+
+
+def _check_cuda(spec: TargetSpec, precision: str, where: str) -> str:
+    if precision in cuda_precisions(spec):
+        return precision
+    if precision in _CUDA_MIN_SM:
+        units = {"fp16": "fp16 tensor cores", "int8": "int8 tensor cores (IMMA)"}[precision]
+        first = _CUDA_MIN_SM[precision]
+        raise TargetError(
+            f"{precision} on CUDA needs {units}, sm_{first} and later, and {where} lacks "
+            f"them; give --cuda-arch sm_{first} or later, or fp32"
+        )
+    raise TargetError(
+        f"{precision} kernels exist for x86 CPUs with avx512_bf16 only; {where} is a CUDA "
+        "target (use fp16, int8 or fp32 there)"
+    )
 
 
 def _is_aarch64(target) -> bool:
@@ -133,6 +170,8 @@ def check_precision(spec: TargetSpec, precision: str) -> str:
     where = f"target {spec.name} ({_cpu(target)})"
     if precision == "fp32":
         return precision
+    if target.kind.name == "cuda":
+        return _check_cuda(spec, precision, where)
     if precision == "int8":
         if int8_lanes(spec):
             return precision
@@ -145,8 +184,8 @@ def check_precision(spec: TargetSpec, precision: str) -> str:
                 "(Cortex-A55/A76 and later, Neoverse, Graviton2), or fp32"
             )
         raise TargetError(
-            f"int8 kernels exist for x86 CPUs with AVX2 and ARM CPUs with the dot product; "
-            f"{where} is neither (CUDA dp4a kernels are not built yet)"
+            f"int8 kernels exist for x86 CPUs with AVX2, ARM CPUs with the dot product and CUDA "
+            f"GPUs with int8 tensor cores; {where} is none of them"
         )
     if precision == "bf16":
         if bf16_lanes(spec):
@@ -163,8 +202,9 @@ def check_precision(spec: TargetSpec, precision: str) -> str:
         return precision
     if _is_x86(target):
         raise TargetError(
-            f"fp16 kernels exist for ARM CPUs with fp16 multiply-add into fp32 (fmlal); {where} "
-            "is an x86 CPU (use int8 or fp32 there, or bf16 where it has avx512_bf16)"
+            f"fp16 kernels exist for ARM CPUs with fp16 multiply-add into fp32 (fmlal) and CUDA "
+            f"GPUs with tensor cores; {where} is an x86 CPU (use int8 or fp32 there, or bf16 "
+            "where it has avx512_bf16)"
         )
     if _is_aarch64(target):
         raise TargetError(
@@ -174,8 +214,8 @@ def check_precision(spec: TargetSpec, precision: str) -> str:
             "or fp32"
         )
     raise TargetError(
-        f"fp16 kernels exist for ARM CPUs with FEAT_FHM only; {where} is not one "
-        "(CUDA fp16 kernels are not built yet; use fp32)"
+        f"fp16 kernels exist for ARM CPUs with FEAT_FHM and CUDA GPUs with tensor cores; "
+        f"{where} is neither (use fp32)"
     )
 
 
