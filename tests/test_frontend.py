@@ -133,6 +133,37 @@ def test_batch_2_imports_and_runs_like_torch():
     np.testing.assert_allclose(_run_relax(imported, x), expected, rtol=1e-4, atol=1e-5)
 
 
+def test_the_softmax_guard_of_attention_is_dropped_and_only_it():
+    """torch.export's attention guards each softmax against a row of all -inf scores
+    (``where(not any(s != -inf), 0, softmax(s))``); a ViT has no mask, so the importer drops
+    it, and the model still runs like PyTorch. A guard with another fill value stays."""
+    from vitsparse.frontend.canonicalize import drop_softmax_guards
+
+    model = tiny_vit(depth=2)
+    imported = import_model(model)
+    script = imported.mod.script(show_meta=False)
+    assert script.count("R.nn.softmax") == 2
+    assert "R.where" not in script and "R.equal" not in script and "full_like" not in script
+    x = np.random.default_rng(1).standard_normal((1, 3, 32, 32), dtype=np.float32)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(_run_relax(imported, x), expected, rtol=1e-4, atol=1e-5)
+
+    bb = relax.BlockBuilder()
+    s = relax.Var("s", relax.TensorType((2, 5), "float32"))
+    with bb.function("main", [s]):
+        with bb.dataflow():
+            soft = bb.emit(relax.op.nn.softmax(s, axis=-1))
+            finite = bb.emit(relax.op.logical_not(relax.op.equal(s, relax.const(-np.inf))))
+            row = bb.emit(relax.op.max(relax.op.astype(finite, "int8"), axis=[-1], keepdims=True))
+            masked = bb.emit(relax.op.logical_not(relax.op.astype(row, "bool")))
+            fill = bb.emit(relax.op.full_like(soft, relax.const(np.float32(0.5))))
+            out = bb.emit_output(relax.op.where(masked, fill, soft))
+        bb.emit_func_output(out)
+    kept = drop_softmax_guards(bb.get())
+    assert "R.where" in kept.script(show_meta=False)  # fills 0.5, not 0: not the guard
+
+
 # --- ONNX ---------------------------------------------------------------------------------------
 
 

@@ -12,7 +12,7 @@ import torch
 
 from vitsparse._tvm import IRModule, from_exported_program, from_onnx, relax, struct_dtype, tvm
 from vitsparse.errors import ModelError, UnsupportedOpError
-from vitsparse.frontend.canonicalize import drop_weight_broadcasts
+from vitsparse.frontend.canonicalize import canonicalize
 from vitsparse.frontend.extract import extract_vit_graph
 from vitsparse.frontend.loading import RANDOM_WEIGHTS_SEED, load_torch_model
 from vitsparse.frontend.onnx_prep import canonicalize_onnx, image_input, load_onnx
@@ -108,8 +108,8 @@ def export_torch(
     model: torch.nn.Module, example: torch.Tensor, *, model_id: str
 ) -> tuple[IRModule, dict[str, np.ndarray], torch.export.ExportedProgram]:
     """``model`` at the input ``example`` through torch.export into Relax: the module (weights
-    as parameters of ``main`` after the input, weight broadcasts dropped), its weights by
-    Relax parameter name, and the ExportedProgram. Any torch module, a ViT or not."""
+    as parameters of ``main`` after the input, cleaned up by `frontend.canonicalize`), its
+    weights by Relax parameter name, and the ExportedProgram. Any torch module, a ViT or not."""
     try:
         with torch.no_grad():
             exported = torch.export.export(model, (example,))
@@ -125,7 +125,7 @@ def export_torch(
     except Exception as err:
         raise _importer_error(err, model_id, "PyTorch") from err
     mod, params = _detach(mod)
-    return drop_weight_broadcasts(mod), params, exported
+    return canonicalize(mod), params, exported
 
 
 def _import_torch(model: torch.nn.Module, model_id: str, *, batch: int) -> ImportedModel:
@@ -157,7 +157,7 @@ def _import_onnx(path: Path, *, batch: int) -> ImportedModel:
         raise _importer_error(err, model_id, "ONNX") from err
     mod, params = _detach(mod)
     mod, params = _bind_non_float_params(mod, params)
-    mod = drop_weight_broadcasts(mod)
+    mod = canonicalize(mod)
     graph = extract_vit_graph(mod, model_id=model_id)
     # The blocks' linear weights take timm's names, so that block-mask plans name them alike.
     named = {

@@ -209,7 +209,8 @@ def _parallel_vectorize(sch: Schedule, block) -> None:
 
 class RowReductionRule(dlight.ScheduleRule):
     """Row-wise reductions (layernorm, softmax and their fused epilogues): one parallel loop over
-    rows, every stage of a row computed inside it while the row is in cache."""
+    rows, every stage of a row computed inside it while the row is in cache; a stage two later
+    stages read is computed once per row, not inlined into both."""
 
     def apply(self, func, target, tunable):
         if not isinstance(func, tir.PrimFunc):
@@ -225,7 +226,10 @@ class RowReductionRule(dlight.ScheduleRule):
         infos = dlight.analysis.normalize_prim_func(sch)
         if infos is None:
             return None
-        dlight.try_inline_contiguous_spatial(sch, infos)
+        # A stage read by two later stages (softmax's exp: by the sum and by the division) is
+        # computed once per row into a row buffer rather than inlined into both.
+        once = [i for i in infos if len(sch.get_consumers(i.block_rv)) < 2]
+        dlight.try_inline_contiguous_spatial(sch, once)
         blocks = sch.get_child_blocks(root)
         last = blocks[-1]
         stmt = sch.get(last)
