@@ -393,6 +393,7 @@ def test_cli_int8_compile_records_the_precision_and_refuses_bad_requests(tmp_pat
         text=True,
     )
     assert done.returncode == 2 and "bf16 needs avx512_bf16" in done.stderr, done.stderr
+    assert "[compile] compiling" not in done.stderr  # refused before the progress line
     assert not (tmp_path / "bad").exists()
 
 

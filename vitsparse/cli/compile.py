@@ -32,9 +32,13 @@ def add_parser(commands) -> None:
 def run(args: argparse.Namespace) -> None:
     from vitsparse.jobs.artifact import ARTIFACT_MANIFEST, sparsity_summary
     from vitsparse.jobs.compile import compile_model
+    from vitsparse.targets import check_precision, resolve_target
 
     outdir = Path(args.output)
     check_artifact_dir(outdir, ARTIFACT_MANIFEST)
+    # A target or precision it refuses is named before the progress line (compile_model checks
+    # them again, with the rest of its inputs).
+    check_precision(resolve_target(args.target, cuda_arch=args.cuda_arch), args.precision)
     say(f"[compile] compiling {args.model} for {args.target} ...")
     compiled = compile_model(
         model_source(args.model),
