@@ -9,7 +9,11 @@ install` runs it)."""
 import numpy as np
 import pytest
 import torch
-from _compiled import assert_within_reference_noise, mlp_blocks_plan
+from _compiled import (
+    assert_int8_exact_but_for_ties,
+    assert_within_reference_noise,
+    mlp_blocks_plan,
+)
 
 from vitsparse.cli import main
 from vitsparse.data.sources import load_images
@@ -22,7 +26,6 @@ from vitsparse.frontend.testing import tiny_vit
 from vitsparse.jobs.bench import bench
 from vitsparse.jobs.compile import compile_model
 from vitsparse.plan import apply_plan_to_torch
-from vitsparse.plan.quantize import fake_quant_model
 from vitsparse.pruning.block_mask import block_mask_plan
 
 
@@ -95,13 +98,7 @@ def test_int8_on_sdot_runs_on_the_emulated_device_and_matches_its_reference(arm_
     x = load_images("digits", image_size=compiled.input_shape[-1], limit=4).images
     output = _run_on(arm_device, compiled, x.numpy())
     base = apply_plan_to_torch(model, plan)
-    with torch.no_grad():
-        reference = fake_quant_model(base, compiled.quantization)(x).numpy()
-        fp32 = base(x).numpy()
-    errors = np.abs(output - reference).max(axis=1)
-    # exact but for rounding ties (tests/test_precision.py says why one image may flip)
-    assert (errors <= 1e-2).all() and (errors <= 1e-4).sum() >= 3, errors
-    assert np.abs(output - fp32).max() > 1e-3  # int8, not the float model
+    assert_int8_exact_but_for_ties(output, base, compiled.quantization, x, exact=3)
 
 
 def test_fp16_on_fmlal_runs_on_the_emulated_device_and_matches_its_reference(arm_device):

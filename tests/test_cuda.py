@@ -8,7 +8,11 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from _compiled import assert_within_reference_noise, mlp_blocks_plan
+from _compiled import (
+    assert_int8_exact_but_for_ties,
+    assert_within_reference_noise,
+    mlp_blocks_plan,
+)
 
 from vitsparse._tvm import tvm
 from vitsparse.frontend import import_model, load_torch_model
@@ -125,18 +129,10 @@ def test_deit_tiny_compiles_to_the_tensor_cores_in_reduced_precision(tmp_path, p
 
 
 def _assert_matches_the_reduced_reference(output, base, precision, images, quantization):
-    from vitsparse.plan.quantize import fake_quant_model
-
     if precision == "fp16":
         assert_within_reference_noise(output, base, "fp16", images)
-        return
-    with torch.no_grad():
-        reference = fake_quant_model(base, quantization)(images).numpy()
-        fp32 = base(images).numpy()
-    errors = np.abs(output - reference).max(axis=1)
-    # exact but for rounding ties (tests/test_precision.py says why one image may flip)
-    assert (errors <= 1e-2).all() and (errors <= 1e-4).sum() >= 3, errors
-    assert np.abs(output - fp32).max() > 1e-3  # int8, not the float model
+    else:
+        assert_int8_exact_but_for_ties(output, base, quantization, images, exact=3)
 
 
 @pytest.mark.parametrize("precision", ["fp16", "int8"])

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vitsparse._tvm import tvm
 from vitsparse.data.sources import load_images
 from vitsparse.errors import ModelError
 from vitsparse.frontend import RANDOM_WEIGHTS_SEED, ImportedModel, import_model
@@ -25,7 +26,7 @@ from vitsparse.plan import PruningPlan, apply_plan_to_torch, validate_plan
 from vitsparse.plan.quantize import Quantization, quantized_layers
 from vitsparse.pruning.calibrate import calibrate
 from vitsparse.pruning.onnx_masks import validate_onnx_plan
-from vitsparse.targets import TargetSpec, int8_kernels, int8_lanes, resolve_target
+from vitsparse.targets import TargetSpec, int8_kernels, int8_lanes
 
 
 def compile_model(
@@ -147,7 +148,7 @@ def graph_on_host(imported: ImportedModel, inputs: Inputs, quantization: Quantiz
         precision=inputs.precision,
     )
     relaxed = pipeline.optimize(mod, config, params, stop_before="legalize")
-    return pipeline.compile_module(relaxed, resolve_target("x86").target), config
+    return pipeline.compile_module(relaxed, tvm.target.Target("llvm")), config
 
 
 def quantization_for(imported: ImportedModel, inputs: Inputs) -> Quantization | None:

@@ -30,7 +30,6 @@ __all__ = [
     "DEFAULT_PRECISION",
     "PRECISIONS",
     "check_precision",
-    "cuda_precisions",
     "fp16_lanes",
     "int8_kernels",
     "int8_lanes",
@@ -60,10 +59,10 @@ def _is_x86(target) -> bool:
 
 
 def _cuda_sm(target) -> int:
-    """The compute capability of a CUDA target as one number (sm_80: 80), else 0."""
+    """The compute capability of a CUDA target as one number (sm_80: 80, sm_90a: 90), else 0."""
     if target.kind.name != "cuda":
         return 0
-    digits = str(target.attrs.get("arch", "")).removeprefix("sm_").rstrip("a")
+    digits = str(target.attrs.get("arch", "")).removeprefix("sm_").rstrip("af")
     return int(digits) if digits.isdigit() else 0
 
 
@@ -72,14 +71,14 @@ def _cuda_sm(target) -> int:
 _CUDA_MIN_SM = {"fp16": 70, "int8": 72}
 
 
-def cuda_precisions(spec: TargetSpec) -> tuple[str, ...]:
+def _cuda_precisions(spec: TargetSpec) -> tuple[str, ...]:
     """The reduced precisions ``spec`` (a CUDA target) compiles; () for other targets."""
     sm = _cuda_sm(spec.target)
     return tuple(p for p, first in _CUDA_MIN_SM.items() if sm >= first)
 
 
 def _check_cuda(spec: TargetSpec, precision: str, where: str) -> str:
-    if precision in cuda_precisions(spec):
+    if precision in _cuda_precisions(spec):
         return precision
     if precision in _CUDA_MIN_SM:
         units = {"fp16": "fp16 tensor cores", "int8": "int8 tensor cores (IMMA)"}[precision]
